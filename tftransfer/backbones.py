@@ -1,0 +1,440 @@
+"""Load a pretrained (or randomly initialised) backbone with its preprocessing.
+
+One entry point, `load_backbone`, accepts every way a user names a network:
+
+- a keras-hub preset name (`resnet_50_imagenet`, `bert_base_en_uncased`) or a
+  `kaggle://` / `hf://` handle (downloads: needs network);
+- a local directory in keras-hub preset format (`Backbone.save_to_preset`);
+- a local Hugging Face BERT checkpoint directory (`config.json` with
+  `model_type: bert`, `model.safetensors`, `vocab.txt`), converted with the
+  checkpoint's own activation and layer-norm settings (`tftransfer.hf_bert`);
+- an architecture spec with random init (`{"architecture": "resnet", ...}`);
+- `keras.applications.ResNet50` (ImageNet weights or a local weights file).
+
+It returns a `LoadedBackbone`: the network, the preprocessing that matches it
+(images: resize + the backbone's normalisation; text: the keras-hub
+tokenizer/preprocessor), and the backbone's ordered layer groups (bottom to
+top) that progressive unfreezing and discriminative learning rates work on.
+"""
+
+import dataclasses
+import json
+import os
+import re
+
+import keras
+import keras_hub
+
+from tftransfer.errors import UserError
+
+# ImageNet mean/std in RGB order, on 0-255 pixels: what keras-hub's ResNet
+# presets use, and our default for randomly initialised image backbones.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# keras.applications "caffe" mode subtracts these from BGR pixels.
+CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)
+
+DEFAULT_RESNET_SPEC = {
+    "input_conv_filters": [64],
+    "input_conv_kernel_sizes": [7],
+    "stackwise_num_filters": [64, 128, 256, 512],
+    "stackwise_num_blocks": [3, 4, 6, 3],
+    "stackwise_num_strides": [1, 2, 2, 2],
+    "block_type": "bottleneck_block",
+}
+DEFAULT_BERT_SPEC = {
+    "num_layers": 12,
+    "num_heads": 12,
+    "hidden_dim": 768,
+    "intermediate_dim": 3072,
+    "max_sequence_length": 512,
+}
+KERAS_APPLICATIONS = ("ResNet50",)
+
+
+@dataclasses.dataclass
+class LayerGroup:
+    """A named, contiguous slice of the backbone that (un)freezes as a unit.
+
+    name: str. e.g. `stem`, `stack2`, `embeddings`, `transformer_layer_3`.
+    layers: list of `keras.layers.Layer`.
+    """
+
+    name: str
+    layers: list
+
+    @property
+    def variables(self):
+        return [v for layer in self.layers for v in layer.weights]
+
+
+@dataclasses.dataclass
+class LoadedBackbone:
+    """A backbone ready for a head.
+
+    model: keras.Model. Images: float image batch (after `preprocessor`) ->
+        feature map `(batch, h, w, channels)`. Text: dict of `token_ids`,
+        `segment_ids`, `padding_mask` -> dict with `sequence_output` (and
+        `pooled_output` for BERT).
+    modality: str. `"image"` or `"text"`.
+    preprocessor: callable layer from raw input to `model` input. Images: a
+        keras-hub `ImageConverter` on 0-255 RGB pixels (one image or a
+        batch). Text: a keras-hub `TextClassifierPreprocessor` on strings.
+    layer_groups: list of `LayerGroup`, ordered bottom (input) to top.
+    description: dict. JSON-able record of where the backbone came from.
+    """
+
+    model: keras.Model
+    modality: str
+    preprocessor: object
+    layer_groups: list
+    description: dict
+
+    @property
+    def image_size(self):
+        if self.modality != "image":
+            return None
+        return tuple(self.preprocessor.image_size)
+
+    @property
+    def sequence_length(self):
+        if self.modality != "text":
+            return None
+        return self.preprocessor.sequence_length
+
+    def group(self, name):
+        for group in self.layer_groups:
+            if group.name == name:
+                return group
+        raise UserError(
+            f"Unknown layer group {name!r}. This backbone's groups, bottom to top: "
+            f"{', '.join(g.name for g in self.layer_groups)}."
+        )
+
+
+def load_backbone(
+    preset=None,
+    *,
+    spec=None,
+    keras_application=None,
+    weights="imagenet",
+    load_weights=True,
+    image_size=None,
+    sequence_length=128,
+):
+    """Load a backbone, its preprocessing and its layer groups.
+
+    Args:
+        preset: str. keras-hub preset name, `kaggle://` / `hf://` handle, or
+            local directory (keras-hub preset or Hugging Face BERT format).
+        spec: dict. Architecture with random init: `architecture` is
+            `resnet` (other keys: `keras_hub.models.ResNetBackbone` args;
+            ResNet-50 layout by default) or `bert` (other keys:
+            `keras_hub.models.BertBackbone` args plus `vocabulary`, a
+            `vocab.txt` path or a list of tokens).
+        keras_application: str. `"ResNet50"`: `keras.applications.ResNet50`
+            without its top, converted to take RGB input.
+        weights: str. For `keras_application`: `"imagenet"`, a local weights
+            file, or None. Defaults to `"imagenet"`.
+        load_weights: bool. False: the preset's architecture with random
+            init (the "from scratch" baseline). Defaults to True.
+        image_size: int. Side the image preprocessor resizes to. Defaults to
+            the preset's own size, else 224.
+        sequence_length: int. Text: tokens per example. Defaults to 128.
+
+    Returns:
+        LoadedBackbone.
+
+    Raises:
+        UserError: unknown preset, missing directory, no network for a
+            download, or a bad spec.
+
+    Example:
+    ```python
+    loaded = tftransfer.load_backbone(spec={
+        "architecture": "resnet", "stackwise_num_filters": [64, 128],
+        "stackwise_num_blocks": [1, 1], "stackwise_num_strides": [1, 2],
+        "block_type": "basic_block"}, image_size=32)
+    [g.name for g in loaded.layer_groups]  # ['stem', 'stack0', 'stack1']
+    ```
+    """
+    given = [n for n, v in (("preset", preset), ("spec", spec),
+                            ("keras_application", keras_application)) if v]
+    if len(given) != 1:
+        raise UserError(
+            f"load_backbone: pass exactly one of preset, spec, keras_application. "
+            f"Received: {given or 'none'}."
+        )
+    if spec:
+        return _from_spec(dict(spec), image_size, sequence_length)
+    if keras_application:
+        return _from_keras_application(keras_application, weights, image_size)
+    return _from_preset(preset, load_weights, image_size, sequence_length)
+
+
+# ---------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------
+
+
+def _from_preset(preset, load_weights, image_size, sequence_length):
+    description = {"source": "preset", "preset": preset, "load_weights": load_weights}
+    if os.path.isdir(preset):
+        hf_config = _hf_config(preset)
+        if hf_config is not None and hf_config.get("model_type") == "bert":
+            from tftransfer import hf_bert
+
+            model = hf_bert.load_hf_bert(preset, load_weights=load_weights)
+            preprocessor = hf_bert.load_hf_tokenizer_preprocessor(preset, sequence_length)
+            description["format"] = "huggingface"
+            return _finish(model, preprocessor, description)
+        description["format"] = "huggingface" if hf_config else "keras_hub"
+    elif "://" not in preset:
+        if preset not in keras_hub.models.Backbone.presets:
+            looks_like_path = os.sep in preset or preset.startswith(".")
+            what = "no such local directory" if looks_like_path else "not a keras-hub preset name"
+            raise UserError(
+                f"backbone.preset {preset!r}: {what}. Pass an existing preset directory, "
+                f"a kaggle:// or hf:// handle, or a name from keras_hub.models.Backbone.presets."
+            )
+        description["format"] = "keras_hub"
+    else:
+        description["format"] = "remote"
+    try:
+        model = keras_hub.models.Backbone.from_preset(preset, load_weights=load_weights)
+    except (OSError, ConnectionError) as e:
+        raise UserError(_download_message(preset, e))
+    except Exception as e:  # keras-hub/kagglehub/huggingface_hub raise many types.
+        if _is_network_error(e):
+            raise UserError(_download_message(preset, e))
+        raise UserError(f"backbone.preset {preset!r} could not be loaded: {_first_line(e)}")
+    if _is_text(model):
+        try:
+            preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(
+                preset, sequence_length=sequence_length
+            )
+        except Exception as e:
+            raise UserError(
+                f"backbone.preset {preset!r}: no tokenizer could be loaded ({_first_line(e)}); "
+                f"the directory needs the tokenizer assets (e.g. vocab.txt)."
+            )
+        return _finish(model, preprocessor, description)
+    converter = _image_converter_from_preset(preset, image_size)
+    return _finish(model, converter, description)
+
+
+def _from_spec(spec, image_size, sequence_length):
+    architecture = spec.pop("architecture", None)
+    description = {"source": "spec", "architecture": architecture, "spec": dict(spec)}
+    try:
+        if architecture == "resnet":
+            kwargs = {**DEFAULT_RESNET_SPEC, **spec, "image_shape": (None, None, 3)}
+            model = keras_hub.models.ResNetBackbone(**kwargs)
+            converter = _imagenet_converter(image_size or 224)
+            return _finish(model, converter, description)
+        if architecture == "bert":
+            vocabulary = spec.pop("vocabulary", None)
+            if vocabulary is None:
+                raise UserError("backbone.spec.vocabulary is required for bert: a vocab.txt path or a token list.")
+            if isinstance(vocabulary, str) and not os.path.isfile(vocabulary):
+                raise UserError(f"backbone.spec.vocabulary: no such file {vocabulary!r}.")
+            tokenizer = keras_hub.models.BertTokenizer(vocabulary=vocabulary, lowercase=spec.pop("lowercase", True))
+            kwargs = {**DEFAULT_BERT_SPEC, **spec, "vocabulary_size": tokenizer.vocabulary_size()}
+            if kwargs.get("hidden_act") or kwargs.get("layer_norm_epsilon"):
+                from tftransfer import hf_bert
+
+                model = hf_bert.HFBertBackbone(**kwargs)
+            else:
+                model = keras_hub.models.BertBackbone(**kwargs)
+            preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
+                tokenizer=tokenizer, sequence_length=sequence_length
+            )
+            return _finish(model, preprocessor, description)
+    except TypeError as e:
+        raise UserError(f"backbone.spec for {architecture}: {_first_line(e)}")
+    except ValueError as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"backbone.spec for {architecture}: {_first_line(e)}")
+    raise UserError(
+        f"backbone.spec.architecture must be one of resnet, bert. Received: {architecture!r}."
+    )
+
+
+def _from_keras_application(name, weights, image_size):
+    if name not in KERAS_APPLICATIONS:
+        raise UserError(
+            f"backbone.keras_application must be one of {', '.join(KERAS_APPLICATIONS)}. "
+            f"Received: {name!r}."
+        )
+    if weights not in (None, "imagenet") and not os.path.isfile(weights):
+        raise UserError(
+            f"backbone.weights {weights!r}: no such file. Pass 'imagenet', null, or a local "
+            f".h5/.weights.h5 file for {name} without its top."
+        )
+    size = image_size or 224
+    try:
+        model = keras.applications.ResNet50(
+            include_top=False, weights=weights, input_shape=(size, size, 3)
+        )
+    except Exception as e:
+        if _is_network_error(e):
+            raise UserError(
+                f"backbone {name} weights='imagenet' need a download and there is no network "
+                f"({_first_line(e)}). Pass backbone.weights=/path/to/"
+                f"resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5."
+            )
+        raise UserError(f"backbone {name} weights={weights!r} could not be loaded: {_first_line(e)}")
+    # keras.applications ResNet50 expects BGR pixels minus the caffe mean.
+    # Reversing the first convolution's input channels makes it take RGB
+    # (exactly equivalent), so every image backbone shares one RGB
+    # preprocessing path and the serving graph needs no channel swap.
+    conv = model.get_layer("conv1_conv")
+    conv.kernel.assign(conv.kernel[:, :, ::-1, :])
+    converter = keras_hub.layers.ResNetImageConverter(
+        image_size=(size, size), scale=1.0, offset=[-m for m in CAFFE_MEAN_RGB]
+    )
+    description = {"source": "keras_application", "name": name, "weights": weights}
+    return _finish(model, converter, description)
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def _finish(model, preprocessor, description):
+    modality = "text" if _is_text(model) else "image"
+    description = {**description, "class_name": type(model).__name__, "modality": modality}
+    return LoadedBackbone(
+        model=model,
+        modality=modality,
+        preprocessor=preprocessor,
+        layer_groups=layer_groups(model),
+        description=description,
+    )
+
+
+def _is_text(model):
+    inputs = model.input if isinstance(model.input, dict) else {}
+    return "token_ids" in inputs
+
+
+def _imagenet_converter(size):
+    return keras_hub.layers.ResNetImageConverter(
+        image_size=(size, size),
+        scale=[1.0 / (255.0 * s) for s in IMAGENET_STD],
+        offset=[-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)],
+    )
+
+
+def _image_converter_from_preset(preset, image_size):
+    try:
+        converter = keras_hub.layers.ImageConverter.from_preset(preset)
+    except Exception:
+        converter = None
+    if converter is None:
+        return _imagenet_converter(image_size or 224)
+    if image_size:
+        converter = type(converter)(**{**converter.get_config(), "image_size": (image_size, image_size)})
+    elif converter.image_size is None:
+        converter = type(converter)(**{**converter.get_config(), "image_size": (224, 224)})
+    return converter
+
+
+def _hf_config(path):
+    """The Hugging Face `config.json` of a checkpoint dir, else None."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path) as f:
+        config = json.load(f)
+    return config if "model_type" in config else None
+
+
+def _is_network_error(e):
+    text = f"{type(e).__name__} {e}".lower()
+    return any(
+        s in text
+        for s in ("connection", "resolve", "network", "timed out", "urlopen", "offline", "http")
+    )
+
+
+def _download_message(preset, e):
+    return (
+        f"backbone.preset {preset!r} must be downloaded and the download failed "
+        f"({_first_line(e)[:160]}). Offline, pass a local preset directory "
+        f"(Backbone.save_to_preset) or Hugging Face checkpoint directory instead."
+    )
+
+
+def _first_line(e):
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------
+# Layer groups
+# ---------------------------------------------------------------------------
+
+_RESNET_HUB_STACK = re.compile(r"^stack(\d+)_")
+_RESNET_APP_STAGE = re.compile(r"^conv([2-9])_")
+_TRANSFORMER_LAYER = re.compile(r"^transformer_layer_(\d+)$")
+
+
+def layer_groups(model):
+    """The backbone's layers as ordered groups, bottom (input) to top.
+
+    keras-hub ResNet: `stem`, `stack0`..`stackN`. keras.applications ResNet50:
+    `stem`, `conv2`..`conv5`. keras-hub BERT-family: `embeddings`,
+    `transformer_layer_0`..`N` (the pooler joins the last one). Anything
+    else: a single group `backbone`.
+    """
+    layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+    names = [l.name for l in layers]
+    if any(_RESNET_HUB_STACK.match(n) for n in names):
+        return _group_by_pattern(layers, _RESNET_HUB_STACK, "stack")
+    if any(_RESNET_APP_STAGE.match(n) for n in names):
+        return _group_by_pattern(layers, _RESNET_APP_STAGE, "conv")
+    if any(_TRANSFORMER_LAYER.match(n) for n in names):
+        embeddings, blocks, top = [], {}, []
+        for layer in layers:
+            match = _TRANSFORMER_LAYER.match(layer.name)
+            if match:
+                blocks[int(match.group(1))] = layer
+            elif not blocks:
+                embeddings.append(layer)
+            else:
+                top.append(layer)
+        groups = [LayerGroup("embeddings", embeddings)]
+        groups += [LayerGroup(f"transformer_layer_{i}", [blocks[i]]) for i in sorted(blocks)]
+        groups[-1].layers.extend(top)
+        return groups
+    return [LayerGroup("backbone", layers)]
+
+
+def _group_by_pattern(layers, pattern, prefix):
+    stem, stages = [], {}
+    for layer in layers:
+        match = pattern.match(layer.name)
+        if match:
+            stages.setdefault(int(match.group(1)), []).append(layer)
+        elif not stages:
+            stem.append(layer)
+        else:  # e.g. post_bn / post_relu after the last stack.
+            stages[max(stages)].append(layer)
+    return [LayerGroup("stem", stem)] + [
+        LayerGroup(f"{prefix}{i}", stages[i]) for i in sorted(stages)
+    ]
+
+
+def save_backbone_preset(loaded, preset_dir):
+    """Save the backbone and its preprocessing as a keras-hub preset dir.
+
+    `load_backbone(preset=preset_dir)` (or keras-hub's own `from_preset`)
+    loads it back offline, with the same normalisation / tokenizer.
+    """
+    os.makedirs(preset_dir, exist_ok=True)
+    loaded.model.save_to_preset(preset_dir)
+    if hasattr(loaded.preprocessor, "save_to_preset"):
+        loaded.preprocessor.save_to_preset(preset_dir)

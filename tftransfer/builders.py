@@ -1,0 +1,71 @@
+"""Functional-model builders: a backbone plus one or more new heads.
+
+The model takes preprocessed input (image tensor, or token ids / segment ids
+/ padding mask) and returns a dict of logits keyed by head name, also for a
+single head, so training, distillation, evaluation and export treat single-
+and multi-task models alike. Preprocessing stays outside the model (it runs
+on the host in tf.data) and is put back in front of it for serving.
+"""
+
+import keras
+
+from tftransfer.heads import build_head, pool_features
+
+
+def build_model(backbone, heads, freeze_backbone=False, name="transfer_model"):
+    """Attach heads to a loaded backbone.
+
+    Args:
+        backbone: `tftransfer.backbones.LoadedBackbone`.
+        heads: list of `tftransfer.heads.HeadSpec` (one per task).
+        freeze_backbone: bool. Freeze every backbone layer (head-only
+            training). Frozen BatchNorm layers run in inference mode, so
+            their moving statistics stay those of pretraining.
+            Defaults to False.
+        name: str. Model name.
+
+    Returns:
+        keras.Model mapping model inputs to `{head.name: logits}`.
+
+    Example:
+    ```python
+    loaded = tftransfer.load_backbone(preset="path/to/preset_dir")
+    model = tftransfer.build_model(loaded, [HeadSpec(num_classes=5)])
+    ```
+    """
+    inputs = model_inputs(backbone)
+    features = backbone.model(inputs)
+    padding_mask = inputs["padding_mask"] if backbone.modality == "text" else None
+    outputs = {}
+    for spec in heads:
+        pooled = pool_features(
+            features, backbone.modality, spec.pooling, padding_mask, name=f"{spec.name}_pool"
+        )
+        outputs[spec.name] = build_head(pooled, spec)
+    if freeze_backbone:
+        backbone.model.trainable = False
+    return keras.Model(inputs, outputs, name=name)
+
+
+def model_inputs(backbone):
+    """Symbolic inputs matching the backbone's preprocessed input."""
+    if backbone.modality == "image":
+        height, width = backbone.image_size
+        return keras.Input((height, width, 3), name="image")
+    return {
+        key: keras.Input((None,), dtype="int32", name=key)
+        for key in ("token_ids", "segment_ids", "padding_mask")
+    }
+
+
+def compile_for_heads(model, heads, optimizer, jit_compile=False, steps_per_execution=1):
+    """Compile with each head's loss, loss weight and metrics."""
+    model.compile(
+        optimizer=optimizer,
+        loss={h.name: h.loss() for h in heads},
+        loss_weights={h.name: h.loss_weight for h in heads},
+        metrics={h.name: h.metrics() for h in heads},
+        jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
+    )
+    return model

@@ -1,0 +1,441 @@
+"""Typed experiment configs: YAML -> dataclasses, strict validation, overrides.
+
+Only the entrypoints read these objects; library code takes plain keyword
+arguments so that it is usable from a notebook without any config.
+
+Every key is validated once, when the file loads: an unknown or mistyped key
+raises `UserError` naming its dotted path and the allowed keys, before any
+work dir is touched.
+"""
+
+import dataclasses
+import difflib
+import typing
+from typing import Any, Optional, Union
+
+import yaml
+
+from tftransfer.errors import UserError
+
+# ---------------------------------------------------------------------------
+# Schema
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BackboneConfig:
+    """Where the pretrained network comes from (exactly one source).
+
+    preset: keras-hub preset name (`resnet_50_imagenet`), `kaggle://` or
+        `hf://` handle, or a local directory in keras-hub preset format or
+        Hugging Face checkpoint format.
+    spec: an architecture spec with random init, e.g.
+        `{architecture: resnet, stackwise_num_filters: [64, 128], ...}`.
+    keras_application: a `keras.applications` model name, e.g. `ResNet50`.
+    """
+
+    preset: Optional[str] = None
+    spec: Optional[dict] = None
+    keras_application: Optional[str] = None
+    # keras_application weights: "imagenet", a local weights file, or null.
+    weights: Optional[str] = "imagenet"
+    # false: same architecture as `preset`, random init (transfer-vs-scratch).
+    load_weights: bool = True
+    # Images: side length the preprocessor resizes to. Null: the preset's own.
+    image_size: Optional[int] = None
+    # Text: tokens per example after the tokenizer (pad/truncate).
+    sequence_length: int = 128
+
+    def validate(self, path):
+        given = [k for k in ("preset", "spec", "keras_application") if getattr(self, k)]
+        if len(given) != 1:
+            raise UserError(
+                f"{path}: set exactly one of preset, spec, keras_application "
+                f"(got {given or 'none'})."
+            )
+        if self.image_size is not None and self.image_size < 8:
+            raise UserError(f"{path}.image_size must be >= 8. Received: {self.image_size}.")
+        if self.sequence_length < 2:
+            raise UserError(
+                f"{path}.sequence_length must be >= 2. Received: {self.sequence_length}."
+            )
+
+
+HEAD_TYPES = ("classification", "multilabel", "regression")
+POOLINGS = ("avg", "max", "cls", "mean")
+
+
+@dataclasses.dataclass
+class HeadConfig:
+    """One new head on the backbone (several heads: multi-task)."""
+
+    name: str = "label"
+    type: str = "classification"
+    # Classes (classification / multilabel) or outputs (regression).
+    # Null: taken from the data.
+    num_classes: Optional[int] = None
+    # Null: avg for images, cls for text.
+    pooling: Optional[str] = None
+    dropout: float = 0.0
+    hidden_units: int = 0
+    label_smoothing: float = 0.0
+    loss_weight: float = 1.0
+
+    def validate(self, path):
+        _one_of(f"{path}.type", self.type, HEAD_TYPES)
+        if self.pooling is not None:
+            _one_of(f"{path}.pooling", self.pooling, POOLINGS)
+        if self.num_classes is not None and self.num_classes < 1:
+            raise UserError(f"{path}.num_classes must be >= 1. Received: {self.num_classes}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"{path}.dropout must be in [0, 1). Received: {self.dropout}.")
+        if self.hidden_units < 0:
+            raise UserError(f"{path}.hidden_units must be >= 0. Received: {self.hidden_units}.")
+        if not self.name.isidentifier():
+            raise UserError(
+                f"{path}.name must be a Python identifier (it names the model output). "
+                f"Received: {self.name!r}."
+            )
+
+
+@dataclasses.dataclass
+class DigitsConfig:
+    """The handwritten digits scikit-learn ships (offline, real images)."""
+
+    classes: list = dataclasses.field(default_factory=lambda: list(range(10)))
+    # Labelled training examples per class; the rest validate. Null: 80%.
+    train_per_class: Optional[int] = None
+
+    def validate(self, path):
+        if not self.classes or any(not isinstance(c, int) or not 0 <= c <= 9 for c in self.classes):
+            raise UserError(f"{path}.classes must list digits 0-9. Received: {self.classes}.")
+        if self.train_per_class is not None and self.train_per_class < 1:
+            raise UserError(
+                f"{path}.train_per_class must be >= 1. Received: {self.train_per_class}."
+            )
+
+
+DATA_SOURCES = ("digits", "tfds", "image_folder", "csv", "jsonl")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "digits"
+    # tfds: dataset name (e.g. tf_flowers, glue/sst2) and optional data_dir.
+    name: Optional[str] = None
+    data_dir: Optional[str] = None
+    train_split: str = "train"
+    validation_split: Optional[str] = None
+    # image_folder (root/<class>/*.jpg|png) or csv/jsonl file.
+    train_path: Optional[str] = None
+    validation_path: Optional[str] = None
+    # Held out of the training data when there is no validation split/path.
+    validation_fraction: float = 0.0
+    # tfds feature / csv column / jsonl key holding the input and the label.
+    input_key: Optional[str] = None
+    label_key: str = "label"
+    digits: DigitsConfig = dataclasses.field(default_factory=DigitsConfig)
+    # Per replica; the global batch is batch_size x replicas.
+    batch_size: int = 32
+    shuffle_buffer: int = 2048
+    cache: bool = True
+    # Image folders: decode every file once up front so a bad file is named.
+    validate_images: bool = True
+
+    def validate(self, path):
+        _one_of(f"{path}.source", self.source, DATA_SOURCES)
+        if self.source == "tfds" and not self.name:
+            raise UserError(f"{path}.name is required for source tfds (e.g. tf_flowers).")
+        if self.source in ("image_folder", "csv", "jsonl") and not self.train_path:
+            raise UserError(f"{path}.train_path is required for source {self.source}.")
+        if self.batch_size < 1:
+            raise UserError(f"{path}.batch_size must be >= 1. Received: {self.batch_size}.")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise UserError(
+                f"{path}.validation_fraction must be in [0, 1). "
+                f"Received: {self.validation_fraction}."
+            )
+
+
+UNFREEZE_PRESETS = ("all", "frozen", "gradual")
+
+
+@dataclasses.dataclass
+class UnfreezeConfig:
+    """Which backbone layer groups train when (see tftransfer.callbacks).
+
+    schedule: `all` (full fine-tune), `frozen` (head only), `gradual`
+        (top-down, one group per epoch), or a list of points such as
+        `[{at_epoch: 0, groups: head}, {at_epoch: 2, groups: [stack1]},
+        {at_epoch: 4, groups: all}]` (`at_step` with unit step).
+    """
+
+    schedule: Union[str, list] = "all"
+    unit: str = "epoch"
+    # Discriminative learning rates: group at depth d gets lr * lr_decay**d.
+    # Null: one learning rate for everything.
+    lr_decay: Optional[float] = None
+    # Keep backbone BatchNorm layers training after they unfreeze.
+    train_bn: bool = False
+
+    def validate(self, path):
+        _one_of(f"{path}.unit", self.unit, ("epoch", "step"))
+        if isinstance(self.schedule, str):
+            _one_of(f"{path}.schedule", self.schedule, UNFREEZE_PRESETS)
+        else:
+            key = f"at_{self.unit}"
+            for i, point in enumerate(self.schedule):
+                where = f"{path}.schedule.{i}"
+                if not isinstance(point, dict) or set(point) != {key, "groups"}:
+                    raise UserError(
+                        f"{where} must be a mapping with keys {key} and groups. "
+                        f"Received: {point!r}."
+                    )
+                if not isinstance(point[key], int) or point[key] < 0:
+                    raise UserError(f"{where}.{key} must be an integer >= 0.")
+        if self.lr_decay is not None and not 0.0 < self.lr_decay <= 1.0:
+            raise UserError(f"{path}.lr_decay must be in (0, 1]. Received: {self.lr_decay}.")
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "slanted_triangular")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 3
+    # Null: one pass over the training data per epoch.
+    steps_per_epoch: Optional[int] = None
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    unfreeze: UnfreezeConfig = dataclasses.field(default_factory=UnfreezeConfig)
+    # Stop when the validation loss has not improved for this many epochs.
+    early_stopping_patience: Optional[int] = None
+    seed: int = 0
+    verbose: int = 2
+
+    def validate(self, path):
+        if self.epochs < 1:
+            raise UserError(f"{path}.epochs must be >= 1. Received: {self.epochs}.")
+        if self.learning_rate <= 0:
+            raise UserError(f"{path}.learning_rate must be > 0. Received: {self.learning_rate}.")
+        _one_of(f"{path}.optimizer", self.optimizer, OPTIMIZERS)
+        _one_of(f"{path}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+
+
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+@dataclasses.dataclass
+class DistributeConfig:
+    strategy: str = "auto"
+    precision: str = "float32"
+    jit_compile: bool = False
+    # TPU name/address for strategy tpu (empty: the local TPU).
+    tpu: str = ""
+
+    def validate(self, path):
+        _one_of(f"{path}.strategy", self.strategy, STRATEGIES)
+        _one_of(f"{path}.precision", self.precision, PRECISIONS)
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    # Write W/export/<version>/ (SavedModel for TF Serving) after training.
+    saved_model: bool = True
+    # Also save the fine-tuned backbone as a keras-hub preset in
+    # W/backbone_preset/ (for a later transfer run to load).
+    backbone_preset: bool = False
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
+    heads: list[HeadConfig] = dataclasses.field(default_factory=lambda: [HeadConfig()])
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+
+    def validate(self, path):
+        if not self.heads:
+            raise UserError(f"{path or 'config'}.heads must list at least one head.")
+        names = [h.name for h in self.heads]
+        if len(set(names)) != len(names):
+            raise UserError(f"heads: head names must be unique. Received: {names}.")
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+def load_config(path=None, overrides=(), text=None):
+    """Load, override and validate an experiment config.
+
+    Args:
+        path: str. YAML file. Defaults to None (all defaults).
+        overrides: iterable of `"dotted.key=value"` strings, values parsed as
+            YAML (`train.epochs=3`, `heads.0.num_classes=5`).
+        text: str. YAML text instead of a file (tests, notebooks).
+
+    Returns:
+        ExperimentConfig.
+
+    Raises:
+        UserError: unreadable file, unknown key, wrong type or bad value.
+    """
+    raw = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as e:
+            raise UserError(f"--config: cannot read {path!r} ({e.strerror}); pass an existing YAML file.")
+    if text is not None:
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"--config {path or ''}: not valid YAML: {str(e).splitlines()[0]}.")
+        if not isinstance(raw, dict):
+            raise UserError(f"--config {path or ''}: the top level must be a mapping of keys.")
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(ExperimentConfig, raw)
+
+
+def from_dict(cls, raw, path=""):
+    """Builds dataclass `cls` from a mapping, checking every key and type."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path or 'config'} must be a mapping. Received: {raw!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise UserError(
+                f"Unknown config key {where!r}.{hint} Allowed keys at "
+                f"{path or 'the top level'}: {', '.join(sorted(fields))}."
+            )
+        kwargs[key] = _convert(hints[key], value, where)
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(path)
+    return obj
+
+
+def to_dict(config):
+    """The resolved config as plain YAML-able data."""
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config):
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def _convert(hint, value, where):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except UserError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else UserError(
+            f"{where}: wrong type. Expected {_type_name(hint)}. Received: {value!r}."
+        )
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if origin is list or hint is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: wrong type. Expected a list. Received: {value!r}.")
+        (item_type,) = args or (Any,)
+        return [_convert(item_type, v, f"{where}.{i}") for i, v in enumerate(value)]
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: wrong type. Expected a mapping. Received: {value!r}.")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"{where}: wrong type. Expected {_type_name(hint)}. Received: {value!r}.")
+
+
+def _type_name(hint):
+    if typing.get_origin(hint) is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _apply_override(raw, item):
+    if "=" not in item:
+        raise UserError(f"Override {item!r} must look like --config.train.epochs=3.")
+    dotted, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    keys = dotted.split(".")
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        nxt = keys[i + 1]
+        if isinstance(node, list):
+            index = _list_index(node, key, dotted)
+            node = node[index]
+            continue
+        if key == "heads" and "heads" not in node:
+            node["heads"] = [{}]
+        if key not in node or node[key] is None:
+            node[key] = [] if nxt.isdigit() else {}
+        node = node[key]
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, dotted)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise UserError(f"Override {dotted!r}: {'.'.join(keys[:-1])} is not a mapping.")
+
+
+def _list_index(node, key, dotted):
+    if not key.isdigit():
+        raise UserError(f"Override {dotted!r}: {key!r} must be a list index.")
+    index = int(key)
+    while len(node) <= index:
+        node.append({})
+    return index
+
+
+def _one_of(where, value, allowed):
+    if value not in allowed:
+        raise UserError(
+            f"{where} must be one of {', '.join(allowed)}. Received: {value!r}."
+        )

@@ -1,0 +1,12 @@
+"""Data: sources (digits, TFDS, image folders, CSV/JSONL) and tf.data pipelines."""
+
+from tftransfer.data.pipeline import make_pipeline
+from tftransfer.data.sources import (
+    LabelledData,
+    Split,
+    decode_image,
+    load_digits,
+    load_image_folder,
+    load_text_file,
+    load_tfds,
+)

@@ -1,0 +1,62 @@
+"""tf.data pipelines: raw examples -> preprocessed, batched model input.
+
+Preprocessing runs here, on the host, in parallel and ahead of the
+accelerator (prefetch), so the train step only sees ready tensors. Images
+are decoded/resized/normalised once and cached; text is tokenised per batch
+after shuffling (so each epoch sees new batches).
+"""
+
+import tensorflow as tf
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
+                  training=False, shuffle_buffer=2048, cache=True, seed=0,
+                  drop_remainder=False):
+    """Batched `(model_input, {head_name: label})` for `model.fit`.
+
+    Args:
+        split: `tftransfer.data.sources.Split`.
+        preprocessor: the backbone's preprocessor (see `LoadedBackbone`).
+        modality: str. `"image"` or `"text"`.
+        heads: list of `HeadSpec`; every head receives the split's label
+            (one-hot when the head uses label smoothing).
+        global_batch_size: int. Per-replica batch x replicas in sync.
+        training: bool. Shuffle (reshuffled every epoch) when True.
+        shuffle_buffer: int. Shuffle buffer size.
+        cache: bool. Cache preprocessed images in memory.
+        seed: int. Shuffle seed.
+        drop_remainder: bool. Static batch shape (TPU).
+    """
+    ds = split.dataset
+
+    def to_targets(y):
+        return {
+            h.name: tf.one_hot(y, h.num_classes) if h.one_hot_labels else y for h in heads
+        }
+
+    if modality == "image":
+        ds = ds.map(lambda x, y: (preprocessor(x), y), num_parallel_calls=AUTOTUNE)
+        if cache:
+            ds = ds.cache()
+        if training:
+            ds = ds.shuffle(min(shuffle_buffer, max(split.num_examples, 1)), seed=seed,
+                            reshuffle_each_iteration=True)
+        ds = ds.batch(global_batch_size, drop_remainder=drop_remainder)
+    else:
+        if cache:
+            ds = ds.cache()
+        if training:
+            ds = ds.shuffle(min(shuffle_buffer, max(split.num_examples, 1)), seed=seed,
+                            reshuffle_each_iteration=True)
+        ds = ds.batch(global_batch_size, drop_remainder=drop_remainder)
+        ds = ds.map(lambda x, y: (preprocessor(x), y), num_parallel_calls=AUTOTUNE)
+    ds = ds.map(lambda x, y: (x, to_targets(y)), num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)
+
+
+def raw_inputs(split, limit=None):
+    """The split's raw inputs (no labels), e.g. for export parity checks."""
+    ds = split.dataset.map(lambda x, y: x)
+    return ds.take(limit) if limit else ds

@@ -1,0 +1,383 @@
+"""Data sources -> labelled examples, checked before any training starts.
+
+Every loader returns a `LabelledData`: a train and optional validation
+`Split` of `(raw_input, label)` examples plus the class names. Raw inputs are
+what a client would send: RGB pixels as float32 0-255 (`(h, w, 3)`, any
+size) for images, UTF-8 strings for text. Labels are int32 class ids
+(classification), a multi-hot float vector (multilabel) or floats
+(regression).
+
+Problems a user can fix (missing path, undecodable image, label outside the
+classes, empty split) raise `UserError` here, naming the file or value.
+"""
+
+import csv
+import dataclasses
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from tftransfer.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+@dataclasses.dataclass
+class Split:
+    """dataset: tf.data.Dataset of `(raw_input, label)`; num_examples: int."""
+
+    dataset: tf.data.Dataset
+    num_examples: int
+
+
+@dataclasses.dataclass
+class LabelledData:
+    modality: str
+    train: Split
+    validation: Split
+    class_names: list
+    label_type: str = "classification"
+
+    @property
+    def num_classes(self):
+        return len(self.class_names) if self.class_names is not None else None
+
+
+# ---------------------------------------------------------------------------
+# scikit-learn digits (offline, real handwritten images)
+# ---------------------------------------------------------------------------
+
+
+def load_digits(classes=tuple(range(10)), train_per_class=None, seed=0):
+    """The 8x8 handwritten digits scikit-learn ships, as RGB 0-255 images.
+
+    Args:
+        classes: digits to keep; they become class ids 0..len-1 in order.
+        train_per_class: labelled training images per class (few-shot);
+            every other image validates. None: 80% train.
+        seed: int. Which images are picked for training.
+    """
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    digits = sk_load_digits()
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for digit in classes:
+        idx = np.flatnonzero(digits.target == digit)
+        rng.shuffle(idx)
+        n = train_per_class if train_per_class is not None else int(0.8 * len(idx))
+        if n >= len(idx):
+            raise UserError(
+                f"data.digits.train_per_class={n} leaves no validation images for digit "
+                f"{digit} ({len(idx)} images); use a smaller value."
+            )
+        train_idx.extend(idx[:n])
+        val_idx.extend(idx[n:])
+    # Pixels are 0..16: rescale to 0..255 and repeat to RGB so the images
+    # look like any other image source to the preprocessing.
+    images = np.repeat((digits.images * (255.0 / 16.0)).astype("float32")[..., None], 3, axis=-1)
+    class_of = {d: i for i, d in enumerate(classes)}
+    labels = np.array([class_of.get(t, -1) for t in digits.target], dtype="int32")
+
+    def split(idx):
+        idx = np.array(sorted(idx))
+        return Split(tf.data.Dataset.from_tensor_slices((images[idx], labels[idx])), len(idx))
+
+    return LabelledData(
+        modality="image",
+        train=split(train_idx),
+        validation=split(val_idx),
+        class_names=[str(d) for d in classes],
+    )
+
+
+# ---------------------------------------------------------------------------
+# Image folders: root/<class>/*.jpg|png
+# ---------------------------------------------------------------------------
+
+
+def load_image_folder(train_path, validation_path=None, validation_fraction=0.0,
+                      seed=0, validate_images=True):
+    """Images in `root/<class name>/*`; class ids follow sorted class names."""
+    class_names = _folder_classes(train_path, "data.train_path")
+    paths, labels = _folder_files(train_path, class_names, "data.train_path")
+    if validate_images:
+        _check_images_decode(paths)
+    val = None
+    if validation_path:
+        val_names = _folder_classes(validation_path, "data.validation_path")
+        if val_names != class_names:
+            raise UserError(
+                f"data.validation_path {validation_path!r} has classes {val_names}, "
+                f"train has {class_names}; both folders need the same class sub-folders."
+            )
+        vpaths, vlabels = _folder_files(validation_path, class_names, "data.validation_path")
+        if validate_images:
+            _check_images_decode(vpaths)
+        val = _image_split(vpaths, vlabels)
+    elif validation_fraction:
+        paths, labels, vpaths, vlabels = _holdout(paths, labels, validation_fraction, seed)
+        val = _image_split(vpaths, vlabels)
+    return LabelledData("image", _image_split(paths, labels), val, class_names)
+
+
+def _folder_classes(root, where):
+    if not os.path.isdir(root):
+        raise UserError(f"{where} {root!r}: no such directory; expected root/<class name>/<images>.")
+    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not names:
+        raise UserError(f"{where} {root!r} has no class sub-folders; expected root/<class name>/<images>.")
+    return names
+
+
+def _folder_files(root, class_names, where):
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            continue
+        for file in sorted(os.listdir(folder)):
+            if file.lower().endswith(IMAGE_EXTENSIONS):
+                paths.append(os.path.join(folder, file))
+                labels.append(label)
+    if not paths:
+        raise UserError(
+            f"{where} {root!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders."
+        )
+    return paths, labels
+
+
+def decode_image(contents):
+    """Encoded JPEG/PNG/BMP/GIF bytes -> float32 RGB 0-255 `(h, w, 3)`."""
+    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    return tf.cast(image, tf.float32)
+
+
+def _check_images_decode(paths):
+    """Decode every file once (parallel, native) and name the ones that fail.
+
+    tf.data errors inside `fit` do not say which file broke; this pass does,
+    before anything is written. Set `data.validate_images: false` to skip it.
+    """
+    indices = tf.data.Dataset.range(len(paths))
+    files = tf.data.Dataset.from_tensor_slices(paths)
+    decoded = tf.data.Dataset.zip((indices, files)).map(
+        lambda i, p: (i, tf.shape(decode_image(tf.io.read_file(p)))[0]),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    ).ignore_errors()
+    ok = {int(i) for i, _ in decoded.as_numpy_iterator()}
+    bad = [p for i, p in enumerate(paths) if i not in ok]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(
+            f"Image file {bad[0]!r}{more} does not decode as JPEG/PNG/BMP/GIF; "
+            f"delete or replace it."
+        )
+
+
+def _image_split(paths, labels):
+    ds = tf.data.Dataset.from_tensor_slices((paths, np.array(labels, "int32")))
+    ds = ds.map(lambda p, y: (decode_image(tf.io.read_file(p)), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return Split(ds, len(paths))
+
+
+def _holdout(inputs, labels, fraction, seed):
+    order = np.random.default_rng(seed).permutation(len(inputs))
+    n_val = max(1, int(round(fraction * len(inputs))))
+    val, train = sorted(order[:n_val]), sorted(order[n_val:])
+    pick = lambda xs, idx: [xs[i] for i in idx]  # noqa: E731
+    return pick(inputs, train), pick(labels, train), pick(inputs, val), pick(labels, val)
+
+
+# ---------------------------------------------------------------------------
+# CSV / JSONL text
+# ---------------------------------------------------------------------------
+
+
+def load_text_file(fmt, train_path, validation_path=None, validation_fraction=0.0,
+                   text_key="text", label_key="label", label_type="classification",
+                   class_names=None, seed=0):
+    """Text + label columns from a CSV (header row) or JSONL file.
+
+    Labels may be class names (mapped to sorted ids) or integer ids.
+    Multilabel: a list (JSONL) or `|`-separated names. Regression: numbers.
+    """
+    texts, raw_labels = _read_rows(fmt, train_path, text_key, label_key, "data.train_path")
+    val_rows = None
+    if validation_path:
+        val_rows = _read_rows(fmt, validation_path, text_key, label_key, "data.validation_path")
+    all_labels = raw_labels + (val_rows[1] if val_rows else [])
+    if label_type == "regression":
+        encode, class_names = _regression_encoder(train_path), None
+    else:
+        class_names = class_names or _infer_class_names(all_labels, label_type)
+        encode = _class_encoder(class_names, label_type, label_key)
+    labels = [encode(v, i) for i, v in enumerate(raw_labels)]
+    if val_rows:
+        val = _text_split(val_rows[0], [encode(v, i) for i, v in enumerate(val_rows[1])])
+    elif validation_fraction:
+        texts, labels, vtexts, vlabels = _holdout(texts, labels, validation_fraction, seed)
+        val = _text_split(vtexts, vlabels)
+    else:
+        val = None
+    return LabelledData("text", _text_split(texts, labels), val, class_names, label_type)
+
+
+def _read_rows(fmt, path, text_key, label_key, where):
+    if not os.path.isfile(path):
+        raise UserError(f"{where} {path!r}: no such file.")
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        if fmt == "csv":
+            reader = csv.DictReader(f)
+            missing = [k for k in (text_key, label_key) if k not in (reader.fieldnames or [])]
+            if missing:
+                raise UserError(
+                    f"{where} {path!r}: no column {missing[0]!r}; columns are "
+                    f"{reader.fieldnames}. Set data.input_key / data.label_key."
+                )
+            rows = list(reader)
+        else:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{where} {path!r} line {n}: not valid JSON ({e.msg}).")
+                for k in (text_key, label_key):
+                    if k not in row:
+                        raise UserError(f"{where} {path!r} line {n}: no key {k!r}.")
+                rows.append(row)
+    if not rows:
+        raise UserError(f"{where} {path!r} holds no examples.")
+    return [str(r[text_key]) for r in rows], [r[label_key] for r in rows]
+
+
+def _as_int(value):
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def _split_multi(value):
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [v for v in str(value).split("|") if v]
+
+
+def _infer_class_names(labels, label_type):
+    values = [v for l in labels for v in _split_multi(l)] if label_type == "multilabel" else labels
+    ints = [_as_int(v) for v in values]
+    if all(i is not None for i in ints):
+        # Integer ids: classes 0..max (the label range check is against num_classes).
+        return [str(i) for i in range(max(ints) + 1)]
+    return sorted({str(v) for v in values})
+
+
+def _class_encoder(class_names, label_type, label_key):
+    index = {name: i for i, name in enumerate(class_names)}
+
+    def one(value, row):
+        key = str(value)
+        if key in index:
+            return index[key]
+        raise UserError(
+            f"data row {row}: label {value!r} in {label_key!r} is not one of the "
+            f"{len(class_names)} classes {class_names[:10]}; fix the label or heads.num_classes."
+        )
+
+    if label_type == "multilabel":
+        def encode(value, row):
+            hot = np.zeros(len(class_names), "float32")
+            for v in _split_multi(value):
+                hot[one(v, row)] = 1.0
+            return hot
+        return encode
+    return one
+
+
+def _regression_encoder(path):
+    def encode(value, row):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{path!r} row {row}: regression label {value!r} is not a number.")
+    return encode
+
+
+def _text_split(texts, labels):
+    labels = np.array(labels)
+    if labels.dtype.kind in "iu":
+        labels = labels.astype("int32")
+    else:
+        labels = labels.astype("float32")
+    return Split(tf.data.Dataset.from_tensor_slices((texts, labels)), len(texts))
+
+
+# ---------------------------------------------------------------------------
+# TFDS
+# ---------------------------------------------------------------------------
+
+
+def load_tfds(name, train_split="train", validation_split=None, data_dir=None,
+              input_key=None, label_key="label", download=True):
+    """A TFDS dataset by name and split (images or text, one class label)."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise UserError("data.source tfds needs tensorflow-datasets: pip install 'tftransfer[tfds]'.")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        if download:
+            builder.download_and_prepare()
+    except Exception as e:
+        raise UserError(
+            f"data.name {name!r}: TFDS could not provide it ({str(e).splitlines()[0][:160]}); "
+            f"check the name, or pass data.data_dir holding a prepared copy when offline."
+        )
+    features = builder.info.features
+    if label_key not in features:
+        raise UserError(f"data.label_key {label_key!r} is not a feature of {name}: {list(features)}.")
+    if input_key is None:
+        input_key = _default_input_key(features, tfds)
+    elif input_key not in features:
+        raise UserError(f"data.input_key {input_key!r} is not a feature of {name}: {list(features)}.")
+    modality = "image" if isinstance(features[input_key], tfds.features.Image) else "text"
+    label_feature = features[label_key]
+    class_names = list(label_feature.names) if hasattr(label_feature, "names") else None
+
+    def split(spec):
+        try:
+            ds = builder.as_dataset(split=spec, shuffle_files=False)
+            n = int(builder.info.splits[spec].num_examples)
+        except Exception as e:
+            raise UserError(f"data split {spec!r} of {name}: {str(e).splitlines()[0][:200]}")
+        if n == 0:
+            raise UserError(f"data split {spec!r} of {name} is empty.")
+        if modality == "image":
+            ds = ds.map(lambda ex: (tf.cast(ex[input_key], tf.float32), tf.cast(ex[label_key], tf.int32)),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            ds = ds.map(lambda ex: (ex[input_key], tf.cast(ex[label_key], tf.int32)),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        return Split(ds, n)
+
+    val = split(validation_split) if validation_split else None
+    return LabelledData(modality, split(train_split), val, class_names)
+
+
+def _default_input_key(features, tfds):
+    for key, feature in features.items():
+        if isinstance(feature, tfds.features.Image):
+            return key
+    for key, feature in features.items():
+        if isinstance(feature, tfds.features.Text):
+            return key
+    raise UserError(f"data.input_key: no image or text feature among {list(features)}; set it.")

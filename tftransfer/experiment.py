@@ -1,0 +1,123 @@
+"""Config -> library calls, shared by the entrypoints (train, evaluate, distill).
+
+The only place besides the entrypoints that reads an `ExperimentConfig`;
+each function hands plain keyword arguments to the library.
+"""
+
+import math
+
+import keras
+
+from tftransfer import data as data_lib
+from tftransfer.backbones import load_backbone
+from tftransfer.errors import UserError
+from tftransfer.heads import HeadSpec
+
+
+def load_data(cfg):
+    """The config's labelled data, fully checked (raises UserError)."""
+    d = cfg.data
+    label_type = cfg.heads[0].type
+    if d.source != "digits" and label_type != "classification" and d.source not in ("csv", "jsonl"):
+        raise UserError(f"heads.0.type {label_type}: source {d.source} provides class labels only; use csv or jsonl.")
+    if d.source == "digits":
+        loaded = data_lib.load_digits(d.digits.classes, d.digits.train_per_class, seed=cfg.train.seed)
+    elif d.source == "image_folder":
+        loaded = data_lib.load_image_folder(
+            d.train_path, d.validation_path, d.validation_fraction, cfg.train.seed, d.validate_images
+        )
+    elif d.source in ("csv", "jsonl"):
+        loaded = data_lib.load_text_file(
+            d.source, d.train_path, d.validation_path, d.validation_fraction,
+            text_key=d.input_key or "text", label_key=d.label_key, label_type=label_type,
+            seed=cfg.train.seed,
+        )
+    else:
+        loaded = data_lib.load_tfds(
+            d.name, d.train_split, d.validation_split, d.data_dir, d.input_key, d.label_key
+        )
+    if loaded.train.num_examples == 0:
+        raise UserError(f"data: the training split of source {d.source} is empty.")
+    return loaded
+
+
+def resolve_heads(cfg, labelled):
+    """HeadSpecs with `num_classes` and class names checked against the data."""
+    if len(cfg.heads) > 1:
+        names = [h.name for h in cfg.heads]
+        raise UserError(
+            f"heads: {names} — the data sources give one label per example, so one head; "
+            f"multi-task data is not supported by `tftransfer.train` yet (use the builders directly)."
+        )
+    specs = []
+    for i, h in enumerate(cfg.heads):
+        num = h.num_classes
+        if labelled.num_classes is not None:
+            if num is None:
+                num = labelled.num_classes
+            elif num != labelled.num_classes:
+                raise UserError(
+                    f"heads.{i}.num_classes={num} disagrees with the data, which has "
+                    f"{labelled.num_classes} classes {labelled.class_names[:10]}; "
+                    f"fix num_classes or leave it null to take it from the data."
+                )
+        elif num is None:
+            num = 1 if h.type == "regression" else None
+            if num is None:
+                raise UserError(f"heads.{i}.num_classes: the data does not say; set it.")
+        specs.append(HeadSpec(
+            name=h.name, type=h.type, num_classes=num, pooling=h.pooling, dropout=h.dropout,
+            hidden_units=h.hidden_units, label_smoothing=h.label_smoothing,
+            loss_weight=h.loss_weight,
+            class_names=tuple(labelled.class_names) if labelled.class_names else None,
+        ))
+    return specs
+
+
+def backbone_from_config(cfg):
+    b = cfg.backbone
+    return load_backbone(
+        b.preset, spec=b.spec, keras_application=b.keras_application, weights=b.weights,
+        load_weights=b.load_weights, image_size=b.image_size, sequence_length=b.sequence_length,
+    )
+
+
+def steps_per_epoch(cfg, num_examples, global_batch):
+    return cfg.train.steps_per_epoch or max(1, math.ceil(num_examples / global_batch))
+
+
+def learning_rate(cfg, total_steps):
+    t = cfg.train
+    if t.lr_schedule == "constant":
+        return t.learning_rate
+    if t.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(t.learning_rate, decay_steps=total_steps)
+    from tftransfer.schedules import SlantedTriangular
+
+    return SlantedTriangular(t.learning_rate, total_steps=total_steps)
+
+
+def optimizer(cfg, total_steps):
+    t = cfg.train
+    lr = learning_rate(cfg, total_steps)
+    if t.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=t.weight_decay or 0.0)
+    if t.optimizer == "adam":
+        return keras.optimizers.Adam(lr)
+    return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=t.weight_decay or None)
+
+
+def pipelines(cfg, labelled, loaded, heads, global_batch):
+    d = cfg.data
+    train = data_lib.make_pipeline(
+        labelled.train, loaded.preprocessor, loaded.modality, heads, global_batch,
+        training=True, shuffle_buffer=d.shuffle_buffer, cache=d.cache, seed=cfg.train.seed,
+        drop_remainder=cfg.distribute.strategy == "tpu",
+    )
+    val = None
+    if labelled.validation is not None:
+        val = data_lib.make_pipeline(
+            labelled.validation, loaded.preprocessor, loaded.modality, heads, global_batch,
+            training=False, cache=d.cache, drop_remainder=cfg.distribute.strategy == "tpu",
+        )
+    return train, val

@@ -1,0 +1,147 @@
+"""Head builders: pooled backbone features -> a new task's logits.
+
+Each builder takes symbolic backbone outputs and returns a symbolic output
+tensor, naming every layer after the head (`<head>_pool`, `<head>_dropout`,
+`<head>_hidden`, `<head>`), so several heads can share one backbone
+(multi-task) and layers stay addressable by name.
+
+Heads output logits (classification, multi-label) or raw values
+(regression) in float32, also under mixed precision; probabilities are
+computed by the losses (`from_logits=True`) and by the serving signature.
+"""
+
+import dataclasses
+
+import keras
+
+from tftransfer.errors import UserError
+
+HEAD_TYPES = ("classification", "multilabel", "regression")
+IMAGE_POOLINGS = ("avg", "max")
+TEXT_POOLINGS = ("cls", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSpec:
+    """What one head predicts.
+
+    name: str. Output name (and layer-name prefix). Defaults to `"label"`.
+    type: str. `classification` (one class of `num_classes`), `multilabel`
+        (independent yes/no per class), or `regression` (`num_classes` real
+        outputs, MSE). Defaults to `"classification"`.
+    num_classes: int. Classes, or regression outputs. Defaults to 2.
+    pooling: str. Images: `avg` or `max`; text: `cls` (BERT pooled [CLS]
+        output) or `mean` (mean of the sequence output over real tokens).
+        None: `avg` for images, `cls` for text.
+    dropout: float. Dropout before the output layer. Defaults to 0.
+    hidden_units: int. Optional hidden ReLU layer; 0 for none. Defaults to 0.
+    label_smoothing: float. Classification / multi-label only. Defaults to 0.
+    loss_weight: float. Weight of this head's loss in a multi-task sum.
+        Defaults to 1.
+    class_names: tuple of str. Label names for reports and serving.
+    """
+
+    name: str = "label"
+    type: str = "classification"
+    num_classes: int = 2
+    pooling: str = None
+    dropout: float = 0.0
+    hidden_units: int = 0
+    label_smoothing: float = 0.0
+    loss_weight: float = 1.0
+    class_names: tuple = None
+
+    def __post_init__(self):
+        if self.type not in HEAD_TYPES:
+            raise UserError(
+                f"head {self.name!r}: type must be one of {', '.join(HEAD_TYPES)}. "
+                f"Received: type={self.type!r}."
+            )
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise UserError(
+                f"head {self.name!r}: {len(self.class_names)} class names for "
+                f"num_classes={self.num_classes}."
+            )
+
+    def loss(self):
+        """The Keras loss matching this head's outputs."""
+        if self.type == "classification":
+            if self.label_smoothing:
+                # Sparse CE has no label smoothing: labels become one-hot
+                # in the data pipeline (see `one_hot_labels`).
+                return keras.losses.CategoricalCrossentropy(
+                    from_logits=True, label_smoothing=self.label_smoothing
+                )
+            return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        if self.type == "multilabel":
+            return keras.losses.BinaryCrossentropy(
+                from_logits=True, label_smoothing=self.label_smoothing
+            )
+        return keras.losses.MeanSquaredError()
+
+    @property
+    def one_hot_labels(self):
+        return self.type == "classification" and bool(self.label_smoothing)
+
+    def metrics(self):
+        """Metrics reported for this head during fit and evaluation."""
+        if self.type == "classification":
+            if self.one_hot_labels:
+                return [keras.metrics.CategoricalAccuracy(name="accuracy")]
+            return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+        if self.type == "multilabel":
+            return [
+                keras.metrics.BinaryAccuracy(name="binary_accuracy", threshold=0.0),
+                keras.metrics.AUC(name="auc", from_logits=True, multi_label=True,
+                                  num_labels=self.num_classes),
+            ]
+        return [keras.metrics.MeanAbsoluteError(name="mae")]
+
+
+def pool_features(features, modality, pooling, padding_mask=None, name="pool"):
+    """Backbone outputs -> one vector per example.
+
+    Args:
+        features: image feature map `(b, h, w, c)`, or the text backbone's
+            output dict (`sequence_output`, optional `pooled_output`).
+        modality: str. `"image"` or `"text"`.
+        pooling: str. See `HeadSpec.pooling`.
+        padding_mask: symbolic `(b, seq)` mask of real tokens (text `mean`).
+        name: str. Layer name.
+    """
+    if modality == "image":
+        pooling = pooling or "avg"
+        if pooling not in IMAGE_POOLINGS:
+            raise UserError(
+                f"pooling for an image backbone must be one of {', '.join(IMAGE_POOLINGS)}. "
+                f"Received: pooling={pooling!r}."
+            )
+        layer = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
+        return layer(name=name)(features)
+    pooling = pooling or "cls"
+    if pooling not in TEXT_POOLINGS:
+        raise UserError(
+            f"pooling for a text backbone must be one of {', '.join(TEXT_POOLINGS)}. "
+            f"Received: pooling={pooling!r}."
+        )
+    if pooling == "mean":
+        # Keras' own pooling honours the mask: padding never dilutes the mean.
+        return keras.layers.GlobalAveragePooling1D(name=name)(
+            features["sequence_output"], mask=padding_mask
+        )
+    if "pooled_output" not in features:
+        raise UserError(
+            "pooling 'cls' needs a backbone with a pooled [CLS] output (BERT); "
+            "use pooling: mean for this backbone."
+        )
+    return keras.layers.Identity(name=name)(features["pooled_output"])
+
+
+def build_head(pooled, spec):
+    """Pooled features -> this head's output (logits / values, float32)."""
+    x = pooled
+    if spec.hidden_units:
+        x = keras.layers.Dense(spec.hidden_units, activation="relu", name=f"{spec.name}_hidden")(x)
+    if spec.dropout:
+        x = keras.layers.Dropout(spec.dropout, name=f"{spec.name}_dropout")(x)
+    return keras.layers.Dense(spec.num_classes, dtype="float32", name=spec.name)(x)
