@@ -178,7 +178,7 @@ def load_backbone(
 
 
 def _from_preset(preset, load_weights, image_size, sequence_length):
-    description = {"source": "preset", "preset": preset, "load_weights": load_weights}
+    description = {"source": "preset", "preset": preset, "pretrained": bool(load_weights)}
     if os.path.isdir(preset):
         hf_config = _hf_config(preset)
         if hf_config is not None and hf_config.get("model_type") == "bert":
@@ -225,7 +225,8 @@ def _from_preset(preset, load_weights, image_size, sequence_length):
 
 def _from_spec(spec, image_size, sequence_length):
     architecture = spec.pop("architecture", None)
-    description = {"source": "spec", "architecture": architecture, "spec": dict(spec)}
+    description = {"source": "spec", "architecture": architecture, "spec": dict(spec),
+                   "pretrained": False}
     try:
         if architecture == "resnet":
             kwargs = {**DEFAULT_RESNET_SPEC, **spec, "image_shape": (None, None, 3)}
@@ -294,7 +295,8 @@ def _from_keras_application(name, weights, image_size):
     converter = keras_hub.layers.ResNetImageConverter(
         image_size=(size, size), scale=1.0, offset=[-m for m in CAFFE_MEAN_RGB]
     )
-    description = {"source": "keras_application", "name": name, "weights": weights}
+    description = {"source": "keras_application", "name": name, "weights": weights,
+                   "pretrained": weights is not None}
     return _finish(model, converter, description)
 
 

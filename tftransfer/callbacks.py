@@ -1,62 +1,104 @@
-"""Training callbacks: progressive unfreezing of backbone layer groups.
+"""Training callbacks: progressive unfreezing with discriminative learning rates.
 
-Keras 3 facts this relies on (verified with Keras 3.15):
+`ProgressiveUnfreezing` is ULMFiT's gradual unfreezing and discriminative
+fine-tuning as one Keras callback: during a single `model.fit`, backbone
+layer groups become trainable on a schedule (by epoch or by step), each at
+its own learning rate, without the user recompiling.
+
+Keras 3 facts this relies on (verified with Keras 3.15, TF 2.21):
 - An optimizer only updates the variables it was built with ("Unknown
-  variable" otherwise), so the optimizer is built once over every variable
-  that will ever train, before the first step.
+  variable" otherwise), so it is built once over every variable that will
+  ever train, before the first step. Its slots (Adam moments) and iteration
+  count then simply carry on when a group unfreezes.
 - The train function captures `model.trainable_variables` when traced, so it
   is rebuilt (`make_train_function(force=True)`) whenever the trainable set
-  changes. Frozen variables are then absent from the gradient computation:
-  they cost no backward work.
+  changes. Frozen variables are absent from the gradient computation: they
+  cost no backward work and get no optimizer update (no weight decay either).
 - A BatchNormalization layer with `trainable=False` runs in inference mode
   (moving statistics frozen), which is what transfer learning wants.
+- `BackupAndRestore` restores the weights, the optimizer state (iterations
+  included, so learning-rate schedules resume) and `model._initial_epoch`;
+  the stage is a pure function of the epoch / step, so a resumed run gets
+  the same trainable groups and learning rates without extra state.
 """
+
+import os
 
 import keras
 
+from tftransfer import optimizers as optimizers_lib
 from tftransfer.errors import UserError
 
 HEAD = "head"
 ALL = "all"
+FROZEN = "frozen"
+GRADUAL = "gradual"
+UNITS = ("epoch", "step")
 
 
-def resolve_schedule(schedule, group_names, unit="epoch"):
+def resolve_schedule(schedule, group_names, unit="epoch", every=1):
     """Normalise a schedule to `[(at, frozenset(trainable group names)), ...]`.
 
     Args:
-        schedule: `"all"` (everything trains from the start), `"frozen"`
-            (head only), `"gradual"` (ULMFiT: top group at epoch 1, one more
-            group each epoch, top-down), or a list of points
-            `{"at_epoch" | "at_step": int, "groups": "head" | "all" | [names]}`;
-            groups accumulate from point to point.
+        schedule: `"all"` (every group trains from the start), `"frozen"`
+            (head only, throughout), `"gradual"` (ULMFiT: head only first,
+            then the top group, then one more group each `every` epochs or
+            steps, top-down), or a list of points
+            `{"at_epoch" | "at_step": int, "groups": "head" | "all" | name | [names]}`.
+            Groups accumulate from point to point (a point never re-freezes);
+            before the first point only the head trains.
         group_names: list of str. The backbone's groups, bottom to top.
-        unit: str. `"epoch"` or `"step"`.
+        unit: str. `"epoch"` or `"step"`. Defaults to `"epoch"`.
+        every: int. Gradual only: epochs or steps between two unfreezes.
+            Defaults to 1.
 
     Returns:
         list of `(at, frozenset)` sorted by `at`, starting at 0.
+
+    Example:
+    ```python
+    resolve_schedule("gradual", ["stem", "stack0", "stack1"])
+    # [(0, {}), (1, {'stack1'}), (2, {'stack0', 'stack1'}), (3, {all three})]
+    ```
     """
-    if schedule == ALL:
-        return [(0, frozenset(group_names))]
-    if schedule == "frozen":
-        return [(0, frozenset())]
-    if schedule == "gradual":
-        points = [(0, frozenset())]
-        for depth in range(1, len(group_names) + 1):
-            points.append((depth, frozenset(group_names[-depth:])))
-        return points
+    if isinstance(schedule, str):
+        if schedule == ALL:
+            return [(0, frozenset(group_names))]
+        if schedule == FROZEN:
+            return [(0, frozenset())]
+        if schedule == GRADUAL:
+            points = [(0, frozenset())]
+            for depth in range(1, len(group_names) + 1):
+                points.append((depth * every, frozenset(group_names[-depth:])))
+            return points
     if not isinstance(schedule, (list, tuple)):
         raise UserError(
-            f"unfreeze schedule must be all, frozen, gradual or a list of points. "
-            f"Received: {schedule!r}."
+            f"unfreeze schedule must be all, frozen, gradual or a list of points like "
+            f"{{at_{unit}: 0, groups: head}}. Received: schedule={schedule!r}."
         )
     key = f"at_{unit}"
+    for i, point in enumerate(schedule):
+        if not isinstance(point, dict) or set(point) != {key, "groups"}:
+            raise UserError(
+                f"unfreeze schedule point {i} must be a mapping with keys {key} and groups "
+                f"(unit={unit}). Received: {point!r}."
+            )
+        at = point[key]
+        if isinstance(at, bool) or not isinstance(at, int) or at < 0:
+            raise UserError(f"unfreeze schedule point {i}: {key} must be an integer >= 0. Received: {at!r}.")
     points, current = [], set()
-    for i, point in enumerate(sorted(schedule, key=lambda p: p[key])):
+    for i, point in sorted(enumerate(schedule), key=lambda p: p[1][key]):
         groups = point["groups"]
         if groups == ALL:
             current = set(group_names)
         elif groups != HEAD:
-            groups = [groups] if isinstance(groups, str) else list(groups)
+            if isinstance(groups, str):
+                groups = [groups]
+            if not isinstance(groups, (list, tuple)) or not all(isinstance(g, str) for g in groups):
+                raise UserError(
+                    f"unfreeze schedule point {i}: groups must be head, all, a group name or "
+                    f"a list of names. Received: {groups!r}."
+                )
             unknown = [g for g in groups if g not in group_names]
             if unknown:
                 raise UserError(
@@ -73,36 +115,138 @@ def resolve_schedule(schedule, group_names, unit="epoch"):
 class ProgressiveUnfreezing(keras.callbacks.Callback):
     """Unfreeze backbone layer groups on a schedule, within one `fit`.
 
+    The head (every layer outside `layer_groups`) always trains. Backbone
+    groups become trainable at their scheduled epoch or step and stay so.
+    The optimizer is built once over every variable that will ever train and
+    the train function is rebuilt at each change, so the user compiles once
+    and the optimizer's state (Adam moments, iteration count, the learning
+    rate schedule's position) carries on across every unfreeze.
+
+    Discriminative learning rates (`lr_decay`, ULMFiT): the head trains at
+    the optimizer's learning rate `lr` (a float or any schedule), the top
+    backbone group at `lr * lr_decay`, the next one down at
+    `lr * lr_decay**2`, ..., the bottom group at `lr * lr_decay**N`. The
+    rate is scaled inside the optimizer's update step
+    (`tftransfer.optimizers.set_lr_multipliers`), so it is exact for every
+    Keras optimizer, Adam included, and also scales decoupled weight decay.
+    The multipliers are not saved with the model: `model.save` writes the
+    plain optimizer and the callback sets them again at each `fit`.
+
+    BatchNorm: backbone BatchNormalization layers run in inference mode
+    (moving mean/variance unchanged, gamma/beta fixed) while their group is
+    frozen and, by default, after it unfreezes too. `train_bn=True` lets
+    them train (batch statistics, updated moving averages, trainable
+    gamma/beta) once their group unfreezes. Unlike fastai's `train_bn`,
+    BatchNorm layers of still-frozen groups stay frozen.
+
+    Logs: at each epoch end, `unfrozen_groups` (number of trainable
+    backbone groups), `lr_head` and `lr_<group>` (the learning rate each
+    group trained at at the end of the epoch; 0 for a frozen group) are
+    added to `logs`, so they land in `History` and in any later callback
+    (`TensorBoard`, `CSVLogger`); with `log_dir` they are also written as
+    TensorBoard scalars `unfreezing/<name>` under `<log_dir>/train`.
+
+    Resume: the stage is a pure function of the epoch (or global step
+    `epoch * steps_per_epoch + batch`), so a run resumed by
+    `keras.callbacks.BackupAndRestore` gets the right groups and rates.
+
     Args:
-        layer_groups: list of `tftransfer.backbones.LayerGroup`, bottom to top.
-        schedule: see `resolve_schedule`. Defaults to `"gradual"`.
-        unit: str. `"epoch"` or `"step"` (global step). Defaults to `"epoch"`.
-        train_bn: bool. Let BatchNorm layers of unfrozen groups train (batch
-            statistics, updated moving averages). False keeps them in
-            inference mode, as the Keras transfer-learning guide advises.
-            Defaults to False.
+        layer_groups: list of `tftransfer.LayerGroup`, bottom to top (e.g.
+            `loaded.layer_groups`).
+        schedule: `"gradual"`, `"all"`, `"frozen"` or a list of points; see
+            `resolve_schedule`. Defaults to `"gradual"`.
+        unit: str. `"epoch"` or `"step"` (global training step; changes
+            apply at the next batch, or the next `steps_per_execution`
+            boundary). Defaults to `"epoch"`.
+        train_bn: bool. Let backbone BatchNorm layers train once their group
+            unfreezes. Defaults to False.
+        lr_decay: float in (0, 1], or None. Discriminative learning-rate
+            factor per group below the head; ULMFiT uses `1 / 2.6`
+            (`tftransfer.optimizers.ULMFIT_LR_DECAY`). None: one learning
+            rate for every variable. Defaults to None.
+        log_dir: str or None. TensorBoard directory (the one given to
+            `keras.callbacks.TensorBoard`). Defaults to None (History only).
+        every: int or None. `"gradual"` only: epochs (unit epoch) or steps
+            (unit step) between two unfreezes. Defaults to one epoch (one
+            epoch's worth of steps for unit step).
 
     Example:
     ```python
-    model.fit(ds, epochs=5, callbacks=[ProgressiveUnfreezing(
-        loaded.layer_groups,
+    import keras, numpy as np, tftransfer
+    from tftransfer.callbacks import ProgressiveUnfreezing
+    from tftransfer.schedules import SlantedTriangular
+
+    loaded = tftransfer.load_backbone(spec={
+        "architecture": "resnet", "stackwise_num_filters": [64, 128],
+        "stackwise_num_blocks": [1, 1], "stackwise_num_strides": [1, 2],
+        "block_type": "basic_block"}, image_size=32)
+    model = tftransfer.build_model(loaded, [tftransfer.HeadSpec(num_classes=5)])
+    model.compile(keras.optimizers.Adam(SlantedTriangular(1e-3, total_steps=6)),
+                  loss={"label": keras.losses.SparseCategoricalCrossentropy(from_logits=True)})
+    x, y = np.random.rand(8, 32, 32, 3), {"label": np.arange(8) % 5}
+    history = model.fit(x, y, batch_size=8, epochs=6, callbacks=[ProgressiveUnfreezing(
+        loaded.layer_groups, lr_decay=1 / 2.6,
         schedule=[{"at_epoch": 0, "groups": "head"},
                   {"at_epoch": 2, "groups": ["stack1"]},
                   {"at_epoch": 4, "groups": "all"}])])
+    history.history["unfrozen_groups"]  # [0, 0, 1, 1, 3, 3]
     ```
     """
 
-    def __init__(self, layer_groups, schedule="gradual", unit="epoch", train_bn=False):
+    def __init__(
+        self,
+        layer_groups,
+        schedule=GRADUAL,
+        unit="epoch",
+        train_bn=False,
+        lr_decay=None,
+        log_dir=None,
+        every=None,
+    ):
         super().__init__()
-        if unit not in ("epoch", "step"):
-            raise UserError(f"unit must be epoch or step. Received: unit={unit!r}.")
-        self.layer_groups = list(layer_groups)
-        self.group_names = [g.name for g in self.layer_groups]
+        if unit not in UNITS:
+            raise UserError(f"ProgressiveUnfreezing: unit must be epoch or step. Received: unit={unit!r}.")
+        layer_groups = list(layer_groups or [])
+        if not layer_groups or not all(hasattr(g, "name") and hasattr(g, "layers") for g in layer_groups):
+            raise UserError(
+                "ProgressiveUnfreezing: layer_groups must be a non-empty list of LayerGroup "
+                "(e.g. loaded.layer_groups from tftransfer.load_backbone)."
+            )
+        names = [g.name for g in layer_groups]
+        if len(set(names)) != len(names) or {HEAD, ALL} & set(names):
+            raise UserError(
+                f"ProgressiveUnfreezing: layer group names must be unique and not 'head' or 'all'. "
+                f"Received: {names}."
+            )
+        if not isinstance(train_bn, bool):
+            raise UserError(f"ProgressiveUnfreezing: train_bn must be true or false. Received: {train_bn!r}.")
+        if lr_decay is not None and (
+            isinstance(lr_decay, bool) or not isinstance(lr_decay, (int, float)) or not 0.0 < lr_decay <= 1.0
+        ):
+            raise UserError(
+                f"ProgressiveUnfreezing: lr_decay must be in (0, 1] (ULMFiT: 1/2.6) or None. "
+                f"Received: lr_decay={lr_decay!r}."
+            )
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise UserError(f"ProgressiveUnfreezing: every must be an integer >= 1. Received: every={every!r}.")
+        self.layer_groups = layer_groups
+        self.group_names = names
+        self.schedule = schedule
         self.unit = unit
         self.train_bn = train_bn
-        self.points = resolve_schedule(schedule, self.group_names, unit)
+        self.lr_decay = None if lr_decay is None else float(lr_decay)
+        self.log_dir = log_dir
+        self.every = every
+        # Validates names now; gradual by step is re-resolved in
+        # on_train_begin once the steps per epoch are known.
+        self.points = resolve_schedule(schedule, names, unit, every or 1)
+        self.lr_multipliers = (
+            optimizers_lib.discriminative_multipliers(names, self.lr_decay)
+            if self.lr_decay is not None
+            else None
+        )
         self.current = None
-        self._global_step = 0
+        self._writer = None
 
     # --- schedule -----------------------------------------------------------
 
@@ -114,15 +258,30 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
                 groups = names
         return groups
 
-    def _apply(self, groups):
+    @property
+    def trainable_groups(self):
+        """Currently trainable group names, bottom to top."""
+        current = self.current or frozenset()
+        return [n for n in self.group_names if n in current]
+
+    def _ever_trainable(self):
+        out = frozenset()
+        for _, names in self.points:
+            out |= names
+        return out
+
+    def _apply(self, groups, all_bn=False):
+        """Make exactly `groups` trainable; BatchNorm per `train_bn`."""
         for group in self.layer_groups:
             trainable = group.name in groups
             for layer in group.layers:
-                if isinstance(layer, keras.layers.BatchNormalization) and not self.train_bn:
-                    layer.trainable = False
-                else:
-                    layer.trainable = trainable
-        self.current = groups
+                layer.trainable = trainable
+                if all_bn or self.train_bn:
+                    continue
+                for sub in layer._flatten_layers(include_self=True, recursive=True):
+                    if isinstance(sub, keras.layers.BatchNormalization):
+                        sub.trainable = False
+        self.current = frozenset(groups)
 
     def _set_stage(self, at):
         groups = self.groups_at(at)
@@ -135,28 +294,133 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
     # --- Keras hooks --------------------------------------------------------
 
     def on_train_begin(self, logs=None):
-        optimizer = self.model.optimizer
+        model = self.model
+        optimizer = model.optimizer
+        if optimizer is None:
+            raise UserError("ProgressiveUnfreezing: compile the model before fit (it has no optimizer).")
+        self._unfreeze_containers()
         if not optimizer.built:
-            # Build over every variable that will ever train, so unfreezing
-            # later never meets an "Unknown variable".
-            self._apply(frozenset(self.group_names))
-            optimizer.build(self.model.trainable_variables)
+            # Build over every variable that could ever train (BatchNorm
+            # included: the same layout Keras itself builds), so unfreezing
+            # never meets an "Unknown variable" and checkpoints always match.
+            self._apply(frozenset(self.group_names), all_bn=True)
+            with _strategy_scope(model):
+                optimizer.build(model.trainable_variables)
+        self._check_optimizer(optimizer)
+        if self.lr_multipliers is not None:
+            optimizers_lib.set_lr_multipliers(
+                optimizer,
+                [(g.variables, self.lr_multipliers[g.name]) for g in self.layer_groups],
+            )
+        self._steps = self.params.get("steps") if self.params else None
+        if self.schedule == GRADUAL and self.unit == "step" and self.every is None:
+            if not self._steps:
+                raise UserError(
+                    "ProgressiveUnfreezing: schedule gradual with unit step needs the epoch length; "
+                    "pass every=<steps between unfreezes> or fit with steps_per_epoch."
+                )
+            self.points = resolve_schedule(GRADUAL, self.group_names, "step", self._steps)
+        self._epoch = getattr(model, "_initial_epoch", None) or 0
+        self._epoch_start = None
+        self._batches = 0
         self.current = None
-        initial_epoch = getattr(self.model, "_initial_epoch", None) or 0
-        steps = self.params.get("steps") or 0
-        self._global_step = initial_epoch * steps
-        if self.unit == "epoch":
-            self._set_stage(initial_epoch)
-        else:
-            self._set_stage(self._global_step)
+        self._set_stage(self._at(self._steps * self._epoch if self._steps else 0))
+        # Retrace once per fit, with the learning-rate multipliers in place.
+        model.make_train_function(force=True)
+        if self.log_dir and self._writer is None:
+            import tensorflow as tf
+
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self.unit == "epoch":
-            self._set_stage(epoch)
+        self._epoch = epoch
+        if self._steps:
+            self._epoch_start = epoch * self._steps
+        elif self._epoch_start is None:
+            # Unknown epoch length: continue from the optimizer's step count
+            # (restored by BackupAndRestore).
+            self._epoch_start = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        else:
+            self._epoch_start += self._batches
+        self._batches = 0
+        self._set_stage(self._at(self._epoch_start))
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.unit == "step":
-            self._set_stage(self._global_step)
+            self._set_stage(self._epoch_start + batch)
 
     def on_train_batch_end(self, batch, logs=None):
-        self._global_step += 1
+        self._batches = batch + 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        values = self.log_values()
+        if logs is not None:
+            logs.update(values)
+        if self._writer is not None:
+            import tensorflow as tf
+
+            with self._writer.as_default(step=epoch):
+                for key, value in values.items():
+                    tf.summary.scalar(f"unfreezing/{key}", value)
+            self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # --- helpers ------------------------------------------------------------
+
+    def log_values(self):
+        """`{"unfrozen_groups": n, "lr_head": lr, "lr_<group>": lr_g}` now."""
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        current = self.current or frozenset()
+        values = {"unfrozen_groups": float(len(current)), "lr_head": lr}
+        for name in self.group_names:
+            m = self.lr_multipliers[name] if self.lr_multipliers else 1.0
+            values[f"lr_{name}"] = lr * m if name in current else 0.0
+        return values
+
+    def _at(self, step):
+        return self._epoch if self.unit == "epoch" else step
+
+    def _unfreeze_containers(self):
+        """A frozen model containing the groups (e.g. `freeze_backbone=True`)
+        would hide them from `trainable_variables`: the callback owns it now."""
+        group_layers = {id(l) for g in self.layer_groups for l in g.layers}
+        for layer in self.model._flatten_layers(include_self=True, recursive=True):
+            if id(layer) in group_layers or layer.trainable:
+                continue
+            inner = layer._flatten_layers(include_self=False, recursive=True)
+            if any(id(l) in group_layers for l in inner):
+                layer.trainable = True
+
+    def _check_optimizer(self, optimizer):
+        """Every variable the schedule will train must be known to the optimizer."""
+        inner = optimizers_lib.inner_optimizer(optimizer)
+        known = inner._trainable_variables_indices
+        for group in self.layer_groups:
+            if group.name not in self._ever_trainable():
+                continue
+            self._apply(frozenset([group.name]))
+            for layer in group.layers:
+                for v in layer.trainable_weights:
+                    if inner._var_key(v) not in known:
+                        self.current = None
+                        raise UserError(
+                            f"ProgressiveUnfreezing: the optimizer was built before layer group "
+                            f"{group.name!r} was trainable (variable {v.path}), so it could never "
+                            f"update it. Compile the model with every backbone layer trainable "
+                            f"(do not freeze it yourself) and use a fresh optimizer; the callback "
+                            f"freezes groups itself."
+                        )
+        self.current = None
+
+
+def _strategy_scope(model):
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return strategy.scope()

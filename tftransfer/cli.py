@@ -33,6 +33,11 @@ def _parse_flags(argv):
             rest.append(arg)
     try:
         return flags.FLAGS(rest)
+    except SystemExit as e:
+        # absl exits 1 after printing --help/--helpfull; asking for help is not a failure.
+        if any(a.split("=")[0] in ("--help", "--helpfull", "--helpshort", "-h") for a in rest):
+            sys.exit(0)
+        raise
     except flags.Error as e:
         print(f"error: {' '.join(str(e).split())} (see --helpfull)", file=sys.stderr)
         sys.exit(2)

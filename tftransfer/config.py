@@ -116,6 +116,33 @@ class DigitsConfig:
 
 
 DATA_SOURCES = ("digits", "tfds", "image_folder", "csv", "jsonl")
+FLIPS = ("horizontal", "vertical", "horizontal_and_vertical")
+
+
+@dataclasses.dataclass
+class AugmentConfig:
+    """Random image augmentation of training batches (Keras random layers).
+
+    Factors are fractions as in `keras.layers.RandomTranslation` /
+    `RandomRotation` (of a full turn) / `RandomZoom`; 0 disables one.
+    """
+
+    flip: Optional[str] = None
+    translate: float = 0.0
+    rotate: float = 0.0
+    zoom: float = 0.0
+
+    def validate(self, path):
+        if self.flip is not None:
+            _one_of(f"{path}.flip", self.flip, FLIPS)
+        for key in ("translate", "rotate", "zoom"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise UserError(f"{path}.{key} must be in [0, 1). Received: {value}.")
+
+    @property
+    def enabled(self):
+        return bool(self.flip or self.translate or self.rotate or self.zoom)
 
 
 @dataclasses.dataclass
@@ -137,6 +164,10 @@ class DataConfig:
     digits: DigitsConfig = dataclasses.field(default_factory=DigitsConfig)
     # Per replica; the global batch is batch_size x replicas.
     batch_size: int = 32
+    # Per replica, for validation/evaluation (no activations kept, so it can
+    # be larger). Null: max(4 x batch_size, 64).
+    eval_batch_size: Optional[int] = None
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     shuffle_buffer: int = 2048
     cache: bool = True
     # Image folders: decode every file once up front so a bad file is named.
@@ -175,8 +206,10 @@ class UnfreezeConfig:
     # Discriminative learning rates: group at depth d gets lr * lr_decay**d.
     # Null: one learning rate for everything.
     lr_decay: Optional[float] = None
-    # Keep backbone BatchNorm layers training after they unfreeze.
-    train_bn: bool = False
+    # Let backbone BatchNorm layers train (batch statistics) once unfrozen.
+    # Null (auto): false for pretrained backbones (keep their statistics, as
+    # the Keras transfer-learning guide advises), true for random init.
+    train_bn: Optional[bool] = None
 
     def validate(self, path):
         _one_of(f"{path}.unit", self.unit, ("epoch", "step"))
@@ -251,6 +284,76 @@ class ExportConfig:
     backbone_preset: bool = False
 
 
+DISTILL_CACHES = ("none", "memory", "disk")
+DISTILL_SCHEDULES = ("constant", "linear", "cosine")
+DISTILL_FEATURE_LOSSES = ("similarity", "mse", "cosine")
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Knowledge distillation (`python -m tftransfer.distill`).
+
+    The student is the config's usual `backbone` / `heads`; the teacher is
+    one or more trained work dirs or `.keras` files (several: an ensemble,
+    logits averaged). See docs/distill.md.
+    """
+
+    # Trained work dirs (W/model.keras + W/config.yaml) or .keras files.
+    teacher: Union[str, list[str]] = dataclasses.field(default_factory=list)
+    # loss = alpha * CE(labels) + (1 - alpha) * T**2 * KL(teacher_T || student_T)
+    alpha: float = 0.1
+    temperature: float = 2.0
+    # constant, or linear / cosine from (alpha, temperature) to the *_end values.
+    schedule: str = "constant"
+    schedule_unit: str = "epoch"
+    alpha_end: Optional[float] = None
+    temperature_end: Optional[float] = None
+    # Teacher outputs: none (run the teacher every step), memory (once per
+    # run), disk (once, in W/cache/, reused by later runs).
+    cache: str = "memory"
+    # Hint loss between a teacher and a student layer (0: off). Null layers:
+    # <first head>_pool. similarity works across widths; mse/cosine need equal.
+    feature_loss_weight: float = 0.0
+    feature_loss: str = "similarity"
+    teacher_feature_layer: Optional[str] = None
+    student_feature_layer: Optional[str] = None
+    # Start the student from (slices of) the teacher's layers.
+    init_from_teacher: bool = False
+    # Teacher block index per student block. Null: evenly spaced.
+    teacher_layers: Optional[list[int]] = None
+    # Unlabelled text for the transfer set (soft targets only): .txt (one
+    # example per line), or .csv / .jsonl with the data.input_key column.
+    transfer_path: Optional[str] = None
+
+    def validate(self, path):
+        if isinstance(self.teacher, str):
+            self.teacher = [self.teacher]
+        if not self.teacher:
+            raise UserError(f"{path}.teacher must list at least one trained work dir or .keras file.")
+        for name in ("alpha", "alpha_end"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise UserError(f"{path}.{name} must be in [0, 1]. Received: {value}.")
+        for name in ("temperature", "temperature_end"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"{path}.{name} must be > 0. Received: {value}.")
+        _one_of(f"{path}.schedule", self.schedule, DISTILL_SCHEDULES)
+        _one_of(f"{path}.schedule_unit", self.schedule_unit, ("epoch", "step"))
+        if self.schedule == "constant" and (self.alpha_end is not None or self.temperature_end is not None):
+            raise UserError(
+                f"{path}: alpha_end/temperature_end need schedule linear or cosine (schedule is constant)."
+            )
+        _one_of(f"{path}.cache", self.cache, DISTILL_CACHES)
+        _one_of(f"{path}.feature_loss", self.feature_loss, DISTILL_FEATURE_LOSSES)
+        if self.feature_loss_weight < 0:
+            raise UserError(
+                f"{path}.feature_loss_weight must be >= 0. Received: {self.feature_loss_weight}."
+            )
+        if self.teacher_layers is not None and not self.init_from_teacher:
+            raise UserError(f"{path}.teacher_layers needs {path}.init_from_teacher: true.")
+
+
 @dataclasses.dataclass
 class ExperimentConfig:
     name: str = "experiment"
@@ -260,6 +363,8 @@ class ExperimentConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    # Only `python -m tftransfer.distill` reads it (the student is backbone/heads).
+    distill: Optional[DistillConfig] = None
 
     def validate(self, path):
         if not self.heads:

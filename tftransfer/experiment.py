@@ -52,9 +52,18 @@ def resolve_heads(cfg, labelled):
     specs = []
     for i, h in enumerate(cfg.heads):
         num = h.num_classes
+        integer_ids = labelled.class_names == [str(k) for k in range(len(labelled.class_names or []))]
         if labelled.num_classes is not None:
             if num is None:
                 num = labelled.num_classes
+            elif integer_ids and num < labelled.num_classes:
+                raise UserError(
+                    f"data: label {labelled.num_classes - 1} is outside heads.{i}.num_classes={num} "
+                    f"(class ids must be 0..{num - 1}); fix the labels or raise num_classes."
+                )
+            elif integer_ids and num > labelled.num_classes:
+                # Integer ids: classes absent from this data are legitimate.
+                labelled.class_names = [str(k) for k in range(num)]
             elif num != labelled.num_classes:
                 raise UserError(
                     f"heads.{i}.num_classes={num} disagrees with the data, which has "
@@ -107,17 +116,30 @@ def optimizer(cfg, total_steps):
     return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=t.weight_decay or None)
 
 
-def pipelines(cfg, labelled, loaded, heads, global_batch):
+def eval_batch_size(cfg, replicas):
+    """Global evaluation batch: data.eval_batch_size, else max(4 x batch, 64), x replicas."""
     d = cfg.data
+    return (d.eval_batch_size or max(4 * d.batch_size, 64)) * replicas
+
+
+def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1):
+    d = cfg.data
+    augment = []
+    if d.augment.enabled:
+        if loaded.modality != "image":
+            raise UserError("data.augment applies to images only; remove it for a text backbone.")
+        a = d.augment
+        augment = data_lib.augmentation_layers(a.flip, a.translate, a.rotate, a.zoom, seed=cfg.train.seed)
+    tpu = cfg.distribute.strategy == "tpu"
     train = data_lib.make_pipeline(
         labelled.train, loaded.preprocessor, loaded.modality, heads, global_batch,
         training=True, shuffle_buffer=d.shuffle_buffer, cache=d.cache, seed=cfg.train.seed,
-        drop_remainder=cfg.distribute.strategy == "tpu",
+        drop_remainder=tpu, augment=augment,
     )
     val = None
     if labelled.validation is not None:
         val = data_lib.make_pipeline(
-            labelled.validation, loaded.preprocessor, loaded.modality, heads, global_batch,
-            training=False, cache=d.cache, drop_remainder=cfg.distribute.strategy == "tpu",
+            labelled.validation, loaded.preprocessor, loaded.modality, heads,
+            eval_batch_size(cfg, replicas), training=False, cache=d.cache, drop_remainder=tpu,
         )
     return train, val

@@ -77,15 +77,18 @@ def main(argv):
         from tftransfer.callbacks import ProgressiveUnfreezing
 
         unfreeze = cfg.train.unfreeze
+        train_bn = unfreeze.train_bn
+        if train_bn is None:  # Frozen statistics only make sense when pretrained.
+            train_bn = not loaded.description.get("pretrained", True)
         unfreezing = ProgressiveUnfreezing(
             loaded.layer_groups, schedule=unfreeze.schedule, unit=unfreeze.unit,
-            train_bn=unfreeze.train_bn, **_discriminative_kwargs(unfreeze),
+            train_bn=train_bn, **_discriminative_kwargs(unfreeze),
         )
         compile_for_heads(
             model, heads, experiment.optimizer(cfg, steps * cfg.train.epochs),
             jit_compile=cfg.distribute.jit_compile,
         )
-    train_ds, val_ds = experiment.pipelines(cfg, labelled, loaded, heads, global_batch)
+    train_ds, val_ds = experiment.pipelines(cfg, labelled, loaded, heads, global_batch, replicas)
 
     # 5. The resolved config marks the work dir as ours.
     os.makedirs(W, exist_ok=True)
@@ -100,9 +103,8 @@ def main(argv):
     callbacks = [
         unfreezing,
         keras.callbacks.BackupAndRestore(os.path.join(W, workdir.BACKUP)),
-        keras.callbacks.ModelCheckpoint(
-            os.path.join(W, workdir.CHECKPOINTS, "last.weights.h5"), save_weights_only=True
-        ),
+        # BackupAndRestore holds the latest state for resuming; checkpoints/
+        # keeps the best weights by the monitored loss (one write per improvement).
         keras.callbacks.ModelCheckpoint(
             os.path.join(W, workdir.CHECKPOINTS, "best.weights.h5"), save_weights_only=True,
             monitor=monitor, save_best_only=True,

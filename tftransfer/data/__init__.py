@@ -1,6 +1,6 @@
 """Data: sources (digits, TFDS, image folders, CSV/JSONL) and tf.data pipelines."""
 
-from tftransfer.data.pipeline import make_pipeline
+from tftransfer.data.pipeline import augmentation_layers, make_pipeline
 from tftransfer.data.sources import (
     LabelledData,
     Split,

@@ -11,9 +11,29 @@ import tensorflow as tf
 AUTOTUNE = tf.data.AUTOTUNE
 
 
+def augmentation_layers(flip=None, translate=0.0, rotate=0.0, zoom=0.0, seed=0):
+    """Keras random-augmentation layers for training batches (possibly none).
+
+    Areas moved in from outside the image are filled with the nearest edge
+    pixel, so normalisation never sees an out-of-distribution constant.
+    """
+    import keras
+
+    layers = []
+    if flip:
+        layers.append(keras.layers.RandomFlip(flip, seed=seed))
+    if translate:
+        layers.append(keras.layers.RandomTranslation(translate, translate, fill_mode="nearest", seed=seed))
+    if rotate:
+        layers.append(keras.layers.RandomRotation(rotate, fill_mode="nearest", seed=seed))
+    if zoom:
+        layers.append(keras.layers.RandomZoom(zoom, fill_mode="nearest", seed=seed))
+    return layers
+
+
 def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
                   training=False, shuffle_buffer=2048, cache=True, seed=0,
-                  drop_remainder=False):
+                  drop_remainder=False, augment=()):
     """Batched `(model_input, {head_name: label})` for `model.fit`.
 
     Args:
@@ -28,6 +48,9 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
         cache: bool. Cache preprocessed images in memory.
         seed: int. Shuffle seed.
         drop_remainder: bool. Static batch shape (TPU).
+        augment: list of Keras random layers applied to each training image
+            batch after the cache (see `augmentation_layers`), so every epoch
+            sees new variants. Images only.
     """
     ds = split.dataset
 
@@ -44,6 +67,13 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
             ds = ds.shuffle(min(shuffle_buffer, max(split.num_examples, 1)), seed=seed,
                             reshuffle_each_iteration=True)
         ds = ds.batch(global_batch_size, drop_remainder=drop_remainder)
+        if training and augment:
+            def apply(x, y):
+                for layer in augment:
+                    x = layer(x, training=True)
+                return x, y
+
+            ds = ds.map(apply, num_parallel_calls=AUTOTUNE)
     else:
         if cache:
             ds = ds.cache()

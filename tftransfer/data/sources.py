@@ -356,9 +356,9 @@ def load_tfds(name, train_split="train", validation_split=None, data_dir=None,
     def split(spec):
         try:
             ds = builder.as_dataset(split=spec, shuffle_files=False)
-            n = int(builder.info.splits[spec].num_examples)
         except Exception as e:
             raise UserError(f"data split {spec!r} of {name}: {str(e).splitlines()[0][:200]}")
+        n = _num_examples(builder, spec, ds)
         if n == 0:
             raise UserError(f"data split {spec!r} of {name} is empty.")
         if modality == "image":
@@ -371,6 +371,17 @@ def load_tfds(name, train_split="train", validation_split=None, data_dir=None,
 
     val = split(validation_split) if validation_split else None
     return LabelledData(modality, split(train_split), val, class_names)
+
+
+def _num_examples(builder, spec, ds):
+    """Examples in a split: TFDS metadata when present, else counted."""
+    try:
+        return int(builder.info.splits[spec].num_examples)
+    except Exception:  # No split metadata (e.g. tfds.testing.mock_data).
+        n = int(ds.cardinality())
+        if n >= 0:
+            return n
+        return int(ds.reduce(0, lambda count, _: count + 1))
 
 
 def _default_input_key(features, tfds):

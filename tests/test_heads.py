@@ -1,0 +1,49 @@
+import keras
+import numpy as np
+import pytest
+
+from tftransfer import backbones, builders
+from tftransfer.errors import UserError
+from tftransfer.heads import HeadSpec
+
+from conftest import TINY_RESNET, tiny_bert_spec
+
+
+def test_every_head_layer_is_named_after_the_head():
+    loaded = backbones.load_backbone(spec=TINY_RESNET, image_size=32)
+    model = builders.build_model(loaded, [HeadSpec(name="animal", num_classes=3, dropout=0.2, hidden_units=8)])
+    names = {l.name for l in model.layers}
+    assert {"animal_pool", "animal_hidden", "animal_dropout", "animal"} <= names
+    assert model.get_layer("animal").dtype == "float32"
+
+
+def test_loss_and_metrics_match_head_type():
+    assert isinstance(HeadSpec(type="classification").loss(), keras.losses.SparseCategoricalCrossentropy)
+    assert isinstance(HeadSpec(type="classification", label_smoothing=0.1).loss(), keras.losses.CategoricalCrossentropy)
+    assert isinstance(HeadSpec(type="multilabel", num_classes=4).loss(), keras.losses.BinaryCrossentropy)
+    assert isinstance(HeadSpec(type="regression", num_classes=1).loss(), keras.losses.MeanSquaredError)
+    with pytest.raises(UserError, match="type must be one of"):
+        HeadSpec(type="ranking")
+
+
+def test_image_max_vs_avg_pooling_differ():
+    loaded = backbones.load_backbone(spec=TINY_RESNET, image_size=32)
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+    avg = builders.build_model(loaded, [HeadSpec(pooling="avg")])
+    mx = builders.build_model(loaded, [HeadSpec(pooling="max")])
+    assert isinstance(avg.get_layer("label_pool"), keras.layers.GlobalAveragePooling2D)
+    assert isinstance(mx.get_layer("label_pool"), keras.layers.GlobalMaxPooling2D)
+    with pytest.raises(UserError, match="pooling for an image backbone"):
+        builders.build_model(loaded, [HeadSpec(pooling="cls")])
+
+
+def test_text_masked_mean_ignores_padding_tokens():
+    loaded = backbones.load_backbone(spec=tiny_bert_spec(), sequence_length=8)
+    model = builders.build_model(loaded, [HeadSpec(pooling="mean", num_classes=2)])
+    x = {k: np.asarray(v) for k, v in loaded.preprocessor(["the movie was good"]).items()}
+    a = model(x)["label"]
+    noisy = dict(x, token_ids=np.where(x["padding_mask"] == 1, x["token_ids"], 7))
+    b = model(noisy)["label"]
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    cls = builders.build_model(loaded, [HeadSpec(pooling="cls", num_classes=2)])
+    assert cls(x)["label"].shape == (1, 2)

@@ -1,0 +1,178 @@
+"""`python -m tftransfer.train` end to end, resume, and the bad-input catalogue."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli
+
+TINY_DIGITS = """
+name: tiny_digits
+backbone:
+  spec: {architecture: resnet, input_conv_filters: [64], input_conv_kernel_sizes: [3],
+         stackwise_num_filters: [64, 128], stackwise_num_blocks: [1, 1],
+         stackwise_num_strides: [1, 2], block_type: basic_block}
+  image_size: 16
+data:
+  source: digits
+  digits: {classes: [0, 1, 2], train_per_class: 20}
+  batch_size: 20
+train: {epochs: 2, optimizer: adam, verbose: 0}
+"""
+
+
+def _config(tmp_path, text=TINY_DIGITS, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def _assert_user_error(result, workdir, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert "Traceback" not in result.stderr
+    assert lines[-1].startswith("error: ") and sum(l.startswith("error:") for l in lines) == 1
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+    assert not os.path.exists(os.path.join(workdir, "metrics.json"))
+    assert not os.path.exists(os.path.join(workdir, "config.yaml"))
+    assert not os.path.exists(os.path.join(workdir, "export"))
+
+
+def test_train_end_to_end_writes_the_work_dir_contract(tmp_path):
+    W = str(tmp_path / "w")
+    result = run_cli("tftransfer.train", f"--config={_config(tmp_path)}", f"--workdir={W}",
+                     "--config.train.epochs=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("config.yaml", "metrics.json", "model.keras", "checkpoints/best.weights.h5",
+                 "export/1/saved_model.pb", "export/1/assets/labels.txt"):
+        assert os.path.exists(os.path.join(W, name)), name
+    assert os.listdir(os.path.join(W, "logs"))
+    assert "epochs: 3" in open(os.path.join(W, "config.yaml")).read()  # override recorded
+    metrics = json.load(open(os.path.join(W, "metrics.json")))
+    assert metrics["epochs"] == 3 and 0.0 <= metrics["validation"]["accuracy"] <= 1.0
+    assert metrics["validation"]["accuracy"] > 0.5  # 3 digit classes: chance is 0.33
+    assert open(os.path.join(W, "export/1/assets/labels.txt")).read().split() == ["0", "1", "2"]
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    shown = subprocess.run([cli, "show", "--dir", os.path.join(W, "export/1"), "--all"],
+                           capture_output=True, text=True, timeout=120)
+    assert "signature_def['serving_default']" in shown.stdout
+    assert "image_bytes" in shown.stdout and "serve_preprocessed" in shown.stdout
+    # A finished work dir is not silently clobbered.
+    again = run_cli("tftransfer.train", f"--config={_config(tmp_path)}", f"--workdir={W}")
+    assert again.returncode == 2 and "finished run" in again.stderr
+
+
+def test_killed_run_resumes_from_backup(tmp_path):
+    W = str(tmp_path / "w")
+    args = [sys.executable, "-m", "tftransfer.train", f"--config={_config(tmp_path)}",
+            f"--workdir={W}", "--config.train.epochs=8"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    backup = os.path.join(W, "backup")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (os.path.isdir(backup) and os.listdir(backup)):
+        time.sleep(0.05)
+    time.sleep(0.5)  # let the first backup finish writing
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(W, "metrics.json"))
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(resuming)" in result.stderr
+    metrics = json.load(open(os.path.join(W, "metrics.json")))
+    assert metrics["epochs"] < 8  # only the epochs left after the backup ran
+
+
+def test_helpfull_lists_flags():
+    result = run_cli("tftransfer.train", "--helpfull")
+    assert result.returncode == 0
+    for flag in ("--config", "--workdir", "--strategy", "--overwrite", "--config.train.epochs"):
+        assert flag in result.stdout
+
+
+BAD_INPUTS = {
+    "unknown_key": ("train: {epochz: 3}", [], ["'train.epochz'", "Did you mean 'epochs'"]),
+    "wrong_type": ("train: {epochs: many}", [], ["train.epochs: wrong type", "Expected int"]),
+    "missing_data_path": ("data: {source: image_folder, train_path: /no/such/dir}", [],
+                          ["data.train_path", "no such directory"]),
+    "num_classes_disagrees": ("heads: [{num_classes: 7}]", [], ["num_classes=7 disagrees", "3 classes"]),
+    "preset_offline": ("", ["--config.backbone.spec=null", "--config.backbone.preset=resnet_18_imagenet"],
+                       ["resnet_18_imagenet", "download"]),
+    "unknown_flag": ("", ["--epochs=3"], ["Unknown command line flag 'epochs'"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_and_no_work_dir(tmp_path, case):
+    extra_yaml, flags, fragments = BAD_INPUTS[case]
+    text = TINY_DIGITS + extra_yaml + "\n" if extra_yaml else TINY_DIGITS
+    if extra_yaml.startswith("train:"):
+        text = TINY_DIGITS.replace("train: {epochs: 2, optimizer: adam, verbose: 0}", extra_yaml)
+    if extra_yaml.startswith("data:"):
+        text = TINY_DIGITS.split("data:")[0] + extra_yaml + "\n"
+    W = str(tmp_path / "w")
+    result = run_cli("tftransfer.train", f"--config={_config(tmp_path, text)}", f"--workdir={W}", *flags)
+    _assert_user_error(result, W, *fragments)
+
+
+def _text_config(tmp_path, rows, extra=""):
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in rows))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad"]
+    return _config(tmp_path, f"""
+backbone:
+  spec: {{architecture: bert, vocabulary: {vocab}, num_layers: 1, num_heads: 1,
+         hidden_dim: 8, intermediate_dim: 8, max_sequence_length: 16}}
+  sequence_length: 8
+data: {{source: csv, train_path: {csv_path}, validation_fraction: 0.3}}
+train: {{epochs: 1, verbose: 0}}
+{extra}""")
+
+
+def test_label_outside_num_classes(tmp_path):
+    config = _text_config(tmp_path, [("good", 0), ("bad", 1), ("good", 4)], "heads: [{num_classes: 2}]")
+    W = str(tmp_path / "w")
+    _assert_user_error(run_cli("tftransfer.train", f"--config={config}", f"--workdir={W}"), W,
+                       "label 4 is outside heads.0.num_classes=2")
+
+
+def test_empty_dataset(tmp_path):
+    config = _text_config(tmp_path, [])
+    W = str(tmp_path / "w")
+    _assert_user_error(run_cli("tftransfer.train", f"--config={config}", f"--workdir={W}"), W,
+                       "holds no examples")
+
+
+def test_undecodable_image_names_the_file(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, "uint8")).save(root / name / f"{i}.png")
+    (root / "b" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    text = TINY_DIGITS.split("data:")[0] + f"data: {{source: image_folder, train_path: {root}}}\n"
+    W = str(tmp_path / "w")
+    _assert_user_error(run_cli("tftransfer.train", f"--config={_config(tmp_path, text)}", f"--workdir={W}"),
+                       W, "corrupt.png", "does not decode")
+
+
+def test_evaluate_entrypoint_reproduces_training_metrics(tmp_path):
+    W = str(tmp_path / "w")
+    assert run_cli("tftransfer.train", f"--config={_config(tmp_path)}", f"--workdir={W}",
+                   "--config.export.saved_model=false").returncode == 0
+    result = run_cli("tftransfer.evaluate", f"--workdir={W}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.load(open(os.path.join(W, "report", "metrics_validation.json")))
+    trained = json.load(open(os.path.join(W, "metrics.json")))["validation"]
+    assert abs(report["metrics"]["accuracy"] - trained["accuracy"]) < 1e-6
+    missing = run_cli("tftransfer.evaluate", f"--workdir={tmp_path / 'none'}")
+    assert missing.returncode == 2 and "no model.keras" in missing.stderr

@@ -1,0 +1,191 @@
+"""Teacher-output cache: run the teacher once, train the student many epochs.
+
+When the transfer set is not augmented, the teacher's outputs for an
+example never change (the teacher is frozen and runs in inference mode), so
+running it at every step of every epoch is waste. `teacher_outputs`
+computes them once, in the split's order; `cached_pipeline` pairs each
+example with its outputs *before* shuffling (so pairs stay aligned) and
+yields `({"student_inputs": x, "teacher_outputs": t}, {head: label})`,
+which `tftransfer.distill.Distiller` reads instead of calling the teacher.
+With the same seed the batches come in the same order as
+`tftransfer.data.make_pipeline`, so cached and uncached training see the
+same data.
+
+`load_or_compute(..., cache_dir=W/cache)` keeps the outputs on disk
+(`.npz`, keyed by a fingerprint of the teacher files, the data and the
+preprocessing), so a resumed or repeated run skips the teacher entirely.
+Augmenting pipelines must not use a cache (the teacher would see other
+inputs than the student).
+"""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from tftransfer.distill.distiller import STUDENT_INPUTS, TEACHER_OUTPUTS
+from tftransfer.errors import UserError
+
+AUTOTUNE = tf.data.AUTOTUNE
+CACHE_MODES = ("none", "memory", "disk")
+
+
+def teacher_outputs(distiller, split, preprocessor, modality, batch_size=64):
+    """The teacher's outputs for every example of `split`, in order.
+
+    Args:
+        distiller: `tftransfer.distill.Distiller`.
+        split: `tftransfer.data.Split` of raw `(input, label)` examples.
+        preprocessor: the student's preprocessing (teacher and student
+            share it).
+        modality: str. `"image"` or `"text"`.
+        batch_size: int. Teacher inference batch. Defaults to 64.
+
+    Returns:
+        nested dict of numpy arrays with `split.num_examples` rows:
+        `{"final_output": {head: logits}, <hint layer>: features}`.
+    """
+    ds = split.dataset.map(lambda x, y: x).batch(batch_size)
+    ds = ds.map(preprocessor, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    outputs = distiller.teacher_output_model().predict(ds, verbose=0)
+    outputs = tf.nest.map_structure(np.asarray, outputs)
+    for array in tf.nest.flatten(outputs):
+        if len(array) != split.num_examples:
+            raise UserError(
+                f"teacher cache: {len(array)} outputs for {split.num_examples} examples; "
+                f"the data changed while caching."
+            )
+    return outputs
+
+
+def cached_pipeline(split, outputs, preprocessor, modality, heads, global_batch_size,
+                    training=False, shuffle_buffer=2048, cache=True, seed=0, drop_remainder=False):
+    """Like `tftransfer.data.make_pipeline`, with the teacher's outputs in `x`.
+
+    Args:
+        split: `tftransfer.data.Split`.
+        outputs: nested dict of arrays from `teacher_outputs` (same order).
+        preprocessor, modality, heads, global_batch_size, training,
+            shuffle_buffer, cache, seed, drop_remainder: as for
+            `make_pipeline` (same order of operations, so the same seed
+            gives the same batches).
+
+    Returns:
+        tf.data.Dataset of `({"student_inputs": x, "teacher_outputs": t},
+        {head: label})`.
+    """
+    teacher = tf.data.Dataset.from_tensor_slices(outputs)
+    ds = tf.data.Dataset.zip((split.dataset, teacher)).map(lambda xy, t: (xy[0], xy[1], t))
+
+    def to_targets(y):
+        return {h.name: tf.one_hot(y, h.num_classes) if h.one_hot_labels else y for h in heads}
+
+    def shuffle(ds):
+        if not training:
+            return ds
+        return ds.shuffle(min(shuffle_buffer, max(split.num_examples, 1)), seed=seed,
+                          reshuffle_each_iteration=True)
+
+    if modality == "image":
+        ds = ds.map(lambda x, y, t: (preprocessor(x), y, t), num_parallel_calls=AUTOTUNE)
+        if cache:
+            ds = ds.cache()
+        ds = shuffle(ds).batch(global_batch_size, drop_remainder=drop_remainder)
+    else:
+        if cache:
+            ds = ds.cache()
+        ds = shuffle(ds).batch(global_batch_size, drop_remainder=drop_remainder)
+        ds = ds.map(lambda x, y, t: (preprocessor(x), y, t), num_parallel_calls=AUTOTUNE)
+    ds = ds.map(lambda x, y, t: ({STUDENT_INPUTS: x, TEACHER_OUTPUTS: t}, to_targets(y)),
+                num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)
+
+
+def fingerprint(teacher_paths, **details):
+    """A short key that changes when the teacher files or the data change.
+
+    Args:
+        teacher_paths: list of str. Teacher work dirs / `.keras` files
+            (their model files' size and modification time count).
+        **details: JSON-able values (data config, preprocessing, split name).
+    """
+    parts = []
+    for path in teacher_paths:
+        model = os.path.join(path, "model.keras") if os.path.isdir(path) else path
+        stat = os.stat(model)
+        parts.append([os.path.abspath(model), stat.st_size, int(stat.st_mtime_ns)])
+    text = json.dumps({"teacher": parts, **details}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_or_compute(distiller, split, preprocessor, modality, mode="memory", cache_dir=None,
+                    key=None, name="train", batch_size=64):
+    """Teacher outputs from `cache_dir` when present, else computed (and saved).
+
+    Args:
+        distiller, split, preprocessor, modality, batch_size: see
+            `teacher_outputs`.
+        mode: str. `memory` (compute, keep in memory) or `disk` (also
+            read/write `<cache_dir>/teacher_<name>_<key>.npz`).
+            Defaults to `"memory"`.
+        cache_dir: str. Directory for mode `disk`.
+        key: str. Fingerprint (see `fingerprint`). Required for `disk`.
+        name: str. Split name in the file name. Defaults to `"train"`.
+
+    Returns:
+        `(outputs, info)`: the nested dict of arrays, and a dict with
+        `source` (`computed` / `disk`), `seconds` and `path`.
+    """
+    import time
+
+    if mode not in ("memory", "disk"):
+        raise UserError(f"distill.cache must be one of {', '.join(CACHE_MODES)}. Received: {mode!r}.")
+    path = None
+    if mode == "disk":
+        if not cache_dir or not key:
+            raise UserError("teacher cache on disk needs cache_dir and key.")
+        path = os.path.join(cache_dir, f"teacher_{name}_{key}.npz")
+        if os.path.isfile(path):
+            start = time.perf_counter()
+            outputs = _read_npz(path)
+            rows = {len(a) for a in tf.nest.flatten(outputs)}
+            if rows == {split.num_examples}:
+                return outputs, {"source": "disk", "seconds": time.perf_counter() - start, "path": path}
+    start = time.perf_counter()
+    outputs = teacher_outputs(distiller, split, preprocessor, modality, batch_size)
+    seconds = time.perf_counter() - start
+    if path:
+        _write_npz(path, outputs)
+    return outputs, {"source": "computed", "seconds": seconds, "path": path}
+
+
+def _flatten(outputs, prefix=""):
+    flat = {}
+    for key, value in outputs.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _write_npz(path, outputs):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, **_flatten(outputs))
+    os.replace(tmp, path)
+
+
+def _read_npz(path):
+    outputs = {}
+    with np.load(path) as data:
+        for name in data.files:
+            node = outputs
+            *parents, leaf = name.split("/")
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = data[name]
+    return outputs

@@ -1,0 +1,65 @@
+"""Export a trained work dir for serving: `python -m tftransfer.export`.
+
+    python -m tftransfer.export --workdir=W
+        -> W/export/<N>/ (SavedModel for TF Serving; N = next integer)
+    python -m tftransfer.export --workdir=W --version=3 --overwrite --export_base=/srv/models/flowers
+    python -m tftransfer.export --workdir=W --format=tflite --quantize=float16
+        -> W/tflite/<N>/model.tflite
+
+Reads `W/model.keras` (safe mode), `W/preprocessor/` and `W/heads.json`
+(written by `tftransfer.train`) and `W/config.yaml`. Text SavedModels also
+get a core-ops twin, `<export_base>_token_ids/<N>/`, that loads without TF
+Text. See docs/serving.md. Exit code 2: user error (one line on stderr).
+"""
+
+from absl import flags
+
+from tftransfer import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Trained work dir (model.keras, preprocessor/, heads.json).")
+flags.DEFINE_integer(
+    "version", None, "Version to write (a positive integer). Default: 1 + the largest existing version."
+)
+flags.DEFINE_string(
+    "export_base", None,
+    "Directory holding the versions (TF Serving's --model_base_path). "
+    "Default: W/export for saved_model, W/tflite for tflite.",
+)
+flags.DEFINE_bool("overwrite", False, "Replace the version if it exists.")
+flags.DEFINE_enum("format", "saved_model", ["saved_model", "tflite"], "What to write.")
+flags.DEFINE_enum(
+    "quantize", "none", ["none", "float16", "dynamic_range"],
+    "TFLite weight quantisation: none (float32), float16 (~1/2 size) or dynamic_range (int8 weights, ~1/4 size).",
+)
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        from tftransfer.errors import UserError
+
+        raise UserError(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpfull).")
+    # Heavy imports after flag parsing, so --helpfull is instant.
+    from tftransfer.export.assets import export_workdir
+
+    result = export_workdir(
+        FLAGS.workdir, export_base=FLAGS.export_base, version=FLAGS.version,
+        overwrite=FLAGS.overwrite, format=FLAGS.format, quantize=FLAGS.quantize,
+    )
+    if FLAGS.format == "tflite":
+        print(
+            f"exported {result['tflite_file']} ({result['size_bytes'] / 1e6:.2f} MB, "
+            f"quantize={result['quantize']}, {result['size_ratio']:.2f}x the float32 weights "
+            f"of {result['float32_weights_bytes'] / 1e6:.2f} MB)"
+        )
+    else:
+        print(f"exported {result['path']}")
+
+
+def run():
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run()
