@@ -198,13 +198,15 @@ def test_step_unit_with_unknown_epoch_length_counts_steps():
     seen = []
 
     class Probe(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
+        # Batch end: Keras also calls batch begin once more at the end of
+        # data of unknown length, for a batch that never runs.
+        def on_train_batch_end(self, batch, logs=None):
             ids = {id(v) for v in model.trainable_variables}
             seen.append(sorted(g.name for g in groups if id(g.layers[0].b) in ids))
 
     model.fit(ds, epochs=2, verbose=0, callbacks=[
         ProgressiveUnfreezing(groups, unit="step", schedule=[{"at_step": 4, "groups": "all"}]), Probe()])
-    assert seen == [[]] * 4 + [["g0", "g1", "g2"]] * 2
+    assert seen == [[]] * 4 + [["g0", "g1", "g2"]] * 2  # 3 steps per epoch, all from step 4
     with pytest.raises(UserError, match="every="):
         model.fit(ds, epochs=1, verbose=0,
                   callbacks=[ProgressiveUnfreezing(groups, unit="step", schedule="gradual")])

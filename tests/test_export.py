@@ -342,16 +342,19 @@ def test_existing_version_needs_overwrite(image, tmp_path):
 def test_failed_export_leaves_no_version_and_no_temp_dir(image, tmp_path, monkeypatch):
     seen = []
 
-    def fail_mid_write(assets_dir, heads):
-        seen.append(os.path.dirname(assets_dir))
-        raise RuntimeError("disk full (simulated)")
+    class FailsMidWrite:
+        def write_out(self, directory, verbose=False):
+            seen.append(directory)
+            with open(os.path.join(directory, "saved_model.pb"), "wb") as f:
+                f.write(b"half a model")
+            raise RuntimeError("disk full (simulated)")
 
-    monkeypatch.setattr(saved_model_lib, "write_labels", fail_mid_write)
+    monkeypatch.setattr(saved_model_lib, "build_archive", lambda *args, **kwargs: FailsMidWrite())
     base = str(tmp_path / "export")
     with pytest.raises(RuntimeError, match="simulated"):
         export_saved_model(image["model"], image["loaded"].preprocessor, "image", image["heads"], base)
     assert os.listdir(base) == []
-    (tmp,) = seen  # the SavedModel was being written here when it failed
+    (tmp,) = seen  # where the SavedModel was being written when it failed
     assert os.path.dirname(tmp) == base  # same filesystem: the final rename is atomic
     name = os.path.basename(tmp)
     assert name.startswith(".tmp-export-") and not name.isdigit()  # TF Serving ignores it

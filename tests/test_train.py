@@ -93,7 +93,7 @@ def test_killed_run_resumes_from_backup(tmp_path):
 def test_helpfull_lists_flags():
     result = run_cli("tftransfer.train", "--helpfull")
     assert result.returncode == 0
-    for flag in ("--config", "--workdir", "--strategy", "--overwrite", "--config.train.epochs"):
+    for flag in ("--config", "--workdir", "--strategy", "--[no]overwrite", "--config.train.epochs"):
         assert flag in result.stdout
 
 

@@ -34,6 +34,7 @@ ALL = "all"
 FROZEN = "frozen"
 GRADUAL = "gradual"
 UNITS = ("epoch", "step")
+_OWNER = "ProgressiveUnfreezing"
 
 
 def resolve_schedule(schedule, group_names, unit="epoch", every=1):
@@ -311,7 +312,10 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
             optimizers_lib.set_lr_multipliers(
                 optimizer,
                 [(g.variables, self.lr_multipliers[g.name]) for g in self.layer_groups],
+                owner=_OWNER,
             )
+        else:  # A previous fit's discriminative rates must not linger.
+            optimizers_lib.clear_lr_multipliers(optimizer, owner=_OWNER)
         self._steps = self.params.get("steps") if self.params else None
         if self.schedule == GRADUAL and self.unit == "step" and self.every is None:
             if not self._steps:

@@ -37,15 +37,16 @@ def main(argv):
     if split is None:
         raise UserError(f"--split=validation: the config's data has no validation split; "
                         f"set data.validation_split/validation_path/validation_fraction or use --split=train.")
-    # Only the preprocessing is needed from the backbone: skip its weights.
-    cfg.backbone.load_weights = False
-    loaded = experiment.backbone_from_config(cfg)
+    # The exact preprocessing the model was trained with (W/preprocessor/).
+    from tftransfer.export import load_serving_assets
+
+    assets = load_serving_assets(W)
     model = keras.saving.load_model(model_path, safe_mode=True)
     from tftransfer.builders import compile_for_heads
     from tftransfer.data import make_pipeline
 
     compile_for_heads(model, heads, "adam")
-    ds = make_pipeline(split, loaded.preprocessor, loaded.modality, heads,
+    ds = make_pipeline(split, assets.preprocessor, assets.modality, heads,
                        experiment.eval_batch_size(cfg, 1), cache=False)
     metrics = {k: float(v) for k, v in model.evaluate(ds, return_dict=True, verbose=0).items()}
     result = {"split": FLAGS.split, "num_examples": split.num_examples, "metrics": metrics}

@@ -52,7 +52,7 @@ def resolve_heads(cfg, labelled):
     specs = []
     for i, h in enumerate(cfg.heads):
         num = h.num_classes
-        integer_ids = labelled.class_names == [str(k) for k in range(len(labelled.class_names or []))]
+        integer_ids = labelled.integer_ids
         if labelled.num_classes is not None:
             if num is None:
                 num = labelled.num_classes

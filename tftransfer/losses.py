@@ -72,11 +72,12 @@ def hard_label_loss(y_true, student_logits, label_smoothing=0.0):
     Returns:
         tensor `(batch,)`.
     """
+    student_logits = ops.convert_to_tensor(student_logits, "float32")
     onehot, labelled = _one_hot(y_true, student_logits)
     num_classes = ops.shape(student_logits)[-1]
     if label_smoothing:
         onehot = onehot * (1.0 - label_smoothing) + label_smoothing / ops.cast(num_classes, "float32")
-    log_p = ops.log_softmax(ops.cast(student_logits, "float32"), axis=-1)
+    log_p = ops.log_softmax(student_logits, axis=-1)
     return -ops.sum(onehot * log_p, axis=-1) * labelled
 
 

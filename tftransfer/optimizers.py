@@ -44,6 +44,7 @@ class _MultiplierState:
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.table = {}
+        self.owner = None
         self.original_update_step = optimizer.update_step
         self.patched_weight_decay = _uses_default_weight_decay(optimizer)
 
@@ -58,7 +59,7 @@ def inner_optimizer(optimizer):
     return optimizer
 
 
-def set_lr_multipliers(optimizer, multipliers):
+def set_lr_multipliers(optimizer, multipliers, owner=None):
     """Scale the learning rate per variable inside `optimizer`'s update step.
 
     Replaces multipliers set earlier on the same optimizer. Variables not
@@ -71,6 +72,8 @@ def set_lr_multipliers(optimizer, multipliers):
             `LossScaleOptimizer`.
         multipliers: iterable of `(variables, multiplier)` pairs:
             `variables` a list of `keras.Variable`, `multiplier` a float > 0.
+        owner: str or None. Who set them (see `clear_lr_multipliers`).
+            Defaults to None.
 
     Returns:
         The optimizer (the same object).
@@ -103,6 +106,7 @@ def set_lr_multipliers(optimizer, multipliers):
         for variable in variables:
             table[target._var_key(variable)] = m
     state.table = table
+    state.owner = owner
     return optimizer
 
 
@@ -112,12 +116,16 @@ def get_lr_multiplier(optimizer, variable):
     return 1.0 if state is None else state.multiplier(variable)
 
 
-def clear_lr_multipliers(optimizer):
-    """Every variable back to the optimizer's own learning rate."""
+def clear_lr_multipliers(optimizer, owner=None):
+    """Every variable back to the optimizer's own learning rate.
+
+    With `owner`, only multipliers set with that same `owner` are cleared.
+    """
     target = inner_optimizer(optimizer)
     state = target.__dict__.get(_STATE)
-    if state is not None:
+    if state is not None and (owner is None or state.owner == owner):
         state.table = {}
+        state.owner = None
     return optimizer
 
 

@@ -141,6 +141,10 @@ def main(argv):
         }
         metrics["num_validation_examples"] = labelled.validation.num_examples
     model.save(os.path.join(W, workdir.MODEL))
+    from tftransfer.export import save_serving_assets
+
+    # W/preprocessor/ + W/heads.json: what `python -m tftransfer.export` needs.
+    save_serving_assets(W, loaded, heads)
     if cfg.export.backbone_preset:
         from tftransfer.backbones import save_backbone_preset
 
@@ -148,8 +152,7 @@ def main(argv):
     if cfg.export.saved_model:
         from tftransfer.export import export_saved_model
 
-        metadata = {"backbone": loaded.description, "modality": loaded.modality,
-                    "heads": [h.name for h in heads], "config": config_lib.to_dict(cfg)}
+        metadata = {"backbone": loaded.description, "config": config_lib.to_dict(cfg)}
         metrics["export"] = export_saved_model(
             model, loaded.preprocessor, loaded.modality, heads,
             os.path.join(W, workdir.EXPORT), metadata=metadata,

@@ -5,7 +5,11 @@
     W/backup/         keras.callbacks.BackupAndRestore (resume after a kill)
     W/logs/           TensorBoard
     W/model.keras     the trained model (safe_mode loadable)
-    W/export/<N>/     SavedModel versions for TF Serving
+    W/preprocessor/   the backbone's preprocessing (keras-hub preset format)
+    W/heads.json      head names, types and class names
+    W/export/<N>/     SavedModel versions for TF Serving (text models also
+                      W/export_token_ids/<N>/: core-ops-only twin)
+    W/tflite/<N>/     TFLite exports (`python -m tftransfer.export --format=tflite`)
     W/metrics.json    written last: its presence means the run finished
 
 Files are written to a temporary name and renamed, so a crash never leaves
@@ -26,6 +30,10 @@ LOGS = "logs"
 EXPORT = "export"
 MODEL = "model.keras"
 BACKBONE_PRESET = "backbone_preset"
+PREPROCESSOR = "preprocessor"
+HEADS = "heads.json"
+RUN_OUTPUTS = (CONFIG, METRICS, BACKUP, CHECKPOINTS, LOGS, EXPORT, MODEL, BACKBONE_PRESET,
+               PREPROCESSOR, HEADS, "export_token_ids", "tflite", "report", "cache")
 
 
 def atomic_write_text(path, text):
@@ -81,7 +89,7 @@ def clear(workdir):
     """Remove what a previous run left (for --overwrite)."""
     import shutil
 
-    for name in (CONFIG, METRICS, BACKUP, CHECKPOINTS, LOGS, EXPORT, MODEL, BACKBONE_PRESET):
+    for name in RUN_OUTPUTS:
         path = os.path.join(workdir, name)
         if os.path.isdir(path):
             shutil.rmtree(path)

@@ -90,7 +90,7 @@ def _sentence(rng, positive, negative, label):
     return text[0].upper() + text[1:]
 
 
-def make_corpus(seed=0, num_train=240, num_validation=400, num_transfer=3000):
+def make_corpus(seed=0, num_train=240, num_validation=400, num_transfer=1500):
     """`(train, validation, transfer)`: lists of `(text, label)` and of text.
 
     Args:
@@ -100,7 +100,7 @@ def make_corpus(seed=0, num_train=240, num_validation=400, num_transfer=3000):
         num_validation: int. Held-out labelled examples, full vocabulary.
             Defaults to 400.
         num_transfer: int. Unlabelled sentences, full vocabulary.
-            Defaults to 3000.
+            Defaults to 1500.
 
     Example:
     ```python
@@ -140,7 +140,7 @@ def minilm_dir():
     return os.path.join(os.path.dirname(spec.origin), "model") if spec else None
 
 
-def write_corpus(out, seed=0, num_train=240, num_validation=400, num_transfer=3000):
+def write_corpus(out, seed=0, num_train=240, num_validation=400, num_transfer=1500):
     """Write train.csv, validation.csv, transfer.txt and the `minilm` link into `out`."""
     os.makedirs(out, exist_ok=True)
     train, validation, transfer = make_corpus(seed, num_train, num_validation, num_transfer)
@@ -165,7 +165,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_train", type=int, default=240)
     parser.add_argument("--num_validation", type=int, default=400)
-    parser.add_argument("--num_transfer", type=int, default=3000)
+    parser.add_argument("--num_transfer", type=int, default=1500)
     args = parser.parse_args()
     info = write_corpus(args.out, args.seed, args.num_train, args.num_validation, args.num_transfer)
     print(f"wrote {info['train']} train, {info['validation']} validation, {info['transfer']} "

@@ -39,6 +39,9 @@ class LabelledData:
     validation: Split
     class_names: list
     label_type: str = "classification"
+    # Labels in the data were integer class ids (so classes absent from the
+    # data are legitimate), not class names.
+    integer_ids: bool = False
 
     @property
     def num_classes(self):
@@ -209,10 +212,12 @@ def load_text_file(fmt, train_path, validation_path=None, validation_fraction=0.
     if validation_path:
         val_rows = _read_rows(fmt, validation_path, text_key, label_key, "data.validation_path")
     all_labels = raw_labels + (val_rows[1] if val_rows else [])
+    integer_ids = False
     if label_type == "regression":
         encode, class_names = _regression_encoder(train_path), None
     else:
-        class_names = class_names or _infer_class_names(all_labels, label_type)
+        if not class_names:
+            class_names, integer_ids = _infer_class_names(all_labels, label_type)
         encode = _class_encoder(class_names, label_type, label_key)
     labels = [encode(v, i) for i, v in enumerate(raw_labels)]
     if val_rows:
@@ -222,7 +227,7 @@ def load_text_file(fmt, train_path, validation_path=None, validation_fraction=0.
         val = _text_split(vtexts, vlabels)
     else:
         val = None
-    return LabelledData("text", _text_split(texts, labels), val, class_names, label_type)
+    return LabelledData("text", _text_split(texts, labels), val, class_names, label_type, integer_ids)
 
 
 def _read_rows(fmt, path, text_key, label_key, where):
@@ -277,8 +282,8 @@ def _infer_class_names(labels, label_type):
     ints = [_as_int(v) for v in values]
     if all(i is not None for i in ints):
         # Integer ids: classes 0..max (the label range check is against num_classes).
-        return [str(i) for i in range(max(ints) + 1)]
-    return sorted({str(v) for v in values})
+        return [str(i) for i in range(max(ints) + 1)], True
+    return sorted({str(v) for v in values}), False
 
 
 def _class_encoder(class_names, label_type, label_key):

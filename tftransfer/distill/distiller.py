@@ -193,10 +193,12 @@ class Distiller(keras.distillation.Distiller):
         """Compile; `metrics` may be a dict `{head: [metrics]}` like the student's.
 
         Why not `Distiller.compile`: it insists on a student `loss` and a
-        metrics list; the hard-label loss here is built from the heads.
+        metrics list; the hard-label loss here is built from the heads. The
+        metrics are compiled as *weighted* metrics, the only kind Keras
+        feeds sample weights, so unlabelled rows can be masked out.
         """
         kwargs.pop("loss", None)
-        keras.Model.compile(self, optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
+        keras.Model.compile(self, optimizer=optimizer, loss=None, weighted_metrics=metrics, **kwargs)
 
     def call(self, inputs, training=None, **kwargs):
         inputs, _ = split_inputs(inputs)

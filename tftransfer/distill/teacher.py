@@ -219,6 +219,7 @@ def _load_model(path, where):
     import keras_hub  # noqa: F401  (registers keras-hub classes)
 
     import tftransfer  # noqa: F401  (registers tftransfer's serializable classes)
+    import tftransfer.hf_bert  # noqa: F401  (HFBertBackbone: not imported by `tftransfer`)
 
     try:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
