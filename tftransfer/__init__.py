@@ -14,7 +14,9 @@ from tftransfer.callbacks import ProgressiveUnfreezing  # noqa: E402
 from tftransfer.config import ExperimentConfig, load_config  # noqa: E402
 from tftransfer.errors import UserError  # noqa: E402
 from tftransfer.export import export_saved_model  # noqa: E402
+from tftransfer.fine_tune import fine_tune  # noqa: E402
 from tftransfer.heads import HeadSpec  # noqa: E402
+from tftransfer.schedules import SlantedTriangular  # noqa: E402  (saved models using it load after import)
 
 __version__ = "0.1.0"
 
@@ -24,10 +26,12 @@ __all__ = [
     "LayerGroup",
     "LoadedBackbone",
     "ProgressiveUnfreezing",
+    "SlantedTriangular",
     "UserError",
     "build_model",
     "compile_for_heads",
     "export_saved_model",
+    "fine_tune",
     "load_backbone",
     "load_config",
     "save_backbone_preset",

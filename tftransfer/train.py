@@ -82,7 +82,8 @@ def main(argv):
             train_bn = not loaded.description.get("pretrained", True)
         unfreezing = ProgressiveUnfreezing(
             loaded.layer_groups, schedule=unfreeze.schedule, unit=unfreeze.unit,
-            train_bn=train_bn, **_discriminative_kwargs(unfreeze),
+            train_bn=train_bn, lr_decay=unfreeze.lr_decay,  # None: one learning rate
+            log_dir=os.path.join(W, workdir.LOGS),
         )
         compile_for_heads(
             model, heads, experiment.optimizer(cfg, steps * cfg.train.epochs),
@@ -161,13 +162,6 @@ def main(argv):
     summary = metrics.get("validation", metrics["train"])
     print(f"{cfg.name}: done in {train_seconds:.1f}s; " +
           ", ".join(f"{k}={v:.4f}" for k, v in sorted(summary.items())))
-
-
-def _discriminative_kwargs(unfreeze):
-    """Discriminative-LR arguments, when the callback supports them."""
-    if unfreeze.lr_decay is None:
-        return {}
-    return {"lr_decay": unfreeze.lr_decay}
 
 
 def run():

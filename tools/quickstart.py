@@ -18,6 +18,7 @@ table of target accuracy and training time, and exits 1 if transfer did not win.
 """
 
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
@@ -27,18 +28,20 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEEDS = (0, 1, 2, 3, 4)
+PARALLEL = 2
 
 
 def train(config, workdir, *overrides):
     cmd = [sys.executable, "-m", "tftransfer.train", f"--config={config}", f"--workdir={workdir}",
            "--config.train.verbose=0", *overrides]
-    print("$", " ".join(cmd[1:]), flush=True)
+    print("$ python", " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
         sys.stderr.write(result.stderr[-4000:])
-        sys.exit(result.returncode)
+        raise SystemExit(result.returncode)
+    print(f"  {os.path.basename(workdir)}: {result.stdout.strip().splitlines()[-1]}", flush=True)
     with open(os.path.join(workdir, "metrics.json")) as f:
         metrics = json.load(f)
     metrics["wall_seconds"] = time.perf_counter() - start
@@ -57,14 +60,21 @@ def main():
     start = time.perf_counter()
     src = train("configs/quickstart_source.yaml", source)
     print(f"  source (digits 0-4) validation accuracy: {src['validation']['accuracy']:.3f}\n")
-    runs = {"transfer": [], "scratch": []}
+    jobs = []
     for seed in SEEDS:
         common = [f"--config.backbone.preset={preset}", f"--config.train.seed={seed}"]
         if seed != SEEDS[0]:  # One exported SavedModel is enough to show the export.
             common.append("--config.export.saved_model=false")
-        runs["transfer"].append(train("configs/quickstart.yaml", os.path.join(root, f"transfer_seed{seed}"), *common))
-        runs["scratch"].append(train("configs/quickstart.yaml", os.path.join(root, f"scratch_seed{seed}"), *common,
-                                     "--config.backbone.load_weights=false"))
+        jobs.append(("transfer", os.path.join(root, f"transfer_seed{seed}"), common))
+        jobs.append(("scratch", os.path.join(root, f"scratch_seed{seed}"),
+                     common + ["--config.backbone.load_weights=false"]))
+    # Two trainings at a time: a tiny model's process leaves a core idle.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL) as pool:
+        futures = [pool.submit(train, "configs/quickstart.yaml", w, *o) for _, w, o in jobs]
+        results = [f.result() for f in futures]
+    runs = {"transfer": [], "scratch": []}
+    for (name, _, _), metrics in zip(jobs, results):
+        runs[name].append(metrics)
     total = time.perf_counter() - start
 
     first = runs["transfer"][0]
