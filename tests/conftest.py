@@ -7,20 +7,13 @@ import sys
 
 import pytest
 
+from tftransfer.backbones import TINY_RESNET_SPEC
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The smallest keras-hub ResNet (stem filters must be 64 for basic blocks).
-TINY_RESNET = {
-    "architecture": "resnet",
-    "input_conv_filters": [64],
-    "input_conv_kernel_sizes": [3],
-    "stackwise_num_filters": [64, 128],
-    "stackwise_num_blocks": [1, 1],
-    "stackwise_num_strides": [1, 2],
-    "block_type": "basic_block",
-}
+TINY_RESNET = TINY_RESNET_SPEC
 TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "movie", "film", "was",
               "good", "bad", "great", "awful", "is", "not", "very", "fun", "boring", "!"]
 

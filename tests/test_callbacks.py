@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 import tftransfer
+from tftransfer.backbones import TINY_RESNET_SPEC
 from tftransfer.backbones import LayerGroup
 from tftransfer.callbacks import ProgressiveUnfreezing, resolve_schedule
 from tftransfer.errors import UserError
@@ -27,15 +28,7 @@ from tftransfer.optimizers import discriminative_multipliers
 from tftransfer.schedules import SlantedTriangular
 
 GROUPS = ["stem", "stack0", "stack1"]
-RESNET_SPEC = {
-    "architecture": "resnet",
-    "input_conv_filters": [64],
-    "input_conv_kernel_sizes": [3],
-    "stackwise_num_filters": [64, 128],
-    "stackwise_num_blocks": [1, 1],
-    "stackwise_num_strides": [1, 2],
-    "block_type": "basic_block",
-}
+RESNET_SPEC = TINY_RESNET_SPEC
 LOSS = {"label": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}
 
 

@@ -341,6 +341,7 @@ def test_cli_distils_a_trained_work_dir(teacher_workdir, tmp_path):
     assert metrics["accuracy_retained_percent"] == pytest.approx(
         100 * student["accuracy"] / teacher["accuracy"])
     assert metrics["train"]["temperature"] == 2.0 and metrics["epochs"] == 2
+    assert 0 <= metrics["train"]["accuracy"] <= 1 and "val_accuracy" not in metrics["train"]
     assert metrics["teacher"]["accuracy"] > 0.5  # 3 classes: chance is 0.33
     assert "% retained" in result.stdout
     student_model = keras.saving.load_model(os.path.join(W, "model.keras"))

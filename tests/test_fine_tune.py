@@ -6,21 +6,14 @@ import pytest
 import tensorflow as tf
 
 import tftransfer
+from tftransfer.backbones import TINY_RESNET_SPEC
 from tftransfer.callbacks import ProgressiveUnfreezing
 from tftransfer.errors import UserError
 from tftransfer.fine_tune import fine_tune
 from tftransfer.heads import HeadSpec
 from tftransfer.schedules import SlantedTriangular
 
-RESNET_SPEC = {
-    "architecture": "resnet",
-    "input_conv_filters": [64],
-    "input_conv_kernel_sizes": [3],
-    "stackwise_num_filters": [64, 128],
-    "stackwise_num_blocks": [1, 1],
-    "stackwise_num_strides": [1, 2],
-    "block_type": "basic_block",
-}
+RESNET_SPEC = TINY_RESNET_SPEC
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "movie", "great", "awful",
          "the", "was", "plot", "fun", "boring"]
 

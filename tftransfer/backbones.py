@@ -42,6 +42,17 @@ DEFAULT_RESNET_SPEC = {
     "stackwise_num_strides": [1, 2, 2, 2],
     "block_type": "bottleneck_block",
 }
+# The smallest keras-hub ResNet of the real architecture (stem filters must
+# be 64 for basic blocks): for smoke tests, notebooks and docstring examples.
+TINY_RESNET_SPEC = {
+    "architecture": "resnet",
+    "input_conv_filters": [64],
+    "input_conv_kernel_sizes": [3],
+    "stackwise_num_filters": [64, 128],
+    "stackwise_num_blocks": [1, 1],
+    "stackwise_num_strides": [1, 2],
+    "block_type": "basic_block",
+}
 DEFAULT_BERT_SPEC = {
     "num_layers": 12,
     "num_heads": 12,
@@ -151,10 +162,7 @@ def load_backbone(
 
     Example:
     ```python
-    loaded = tftransfer.load_backbone(spec={
-        "architecture": "resnet", "stackwise_num_filters": [64, 128],
-        "stackwise_num_blocks": [1, 1], "stackwise_num_strides": [1, 2],
-        "block_type": "basic_block"}, image_size=32)
+    loaded = tftransfer.load_backbone(spec=TINY_RESNET_SPEC, image_size=32)
     [g.name for g in loaded.layer_groups]  # ['stem', 'stack0', 'stack1']
     ```
     """

@@ -177,10 +177,8 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
     from tftransfer.callbacks import ProgressiveUnfreezing
     from tftransfer.schedules import SlantedTriangular
 
-    loaded = tftransfer.load_backbone(spec={
-        "architecture": "resnet", "stackwise_num_filters": [64, 128],
-        "stackwise_num_blocks": [1, 1], "stackwise_num_strides": [1, 2],
-        "block_type": "basic_block"}, image_size=32)
+    loaded = tftransfer.load_backbone(
+        spec=tftransfer.backbones.TINY_RESNET_SPEC, image_size=32)
     model = tftransfer.build_model(loaded, [tftransfer.HeadSpec(num_classes=5)])
     model.compile(keras.optimizers.Adam(SlantedTriangular(1e-3, total_steps=6)),
                   loss={"label": keras.losses.SparseCategoricalCrossentropy(from_logits=True)})

@@ -92,10 +92,8 @@ def fine_tune(
     import numpy as np, tensorflow as tf, tftransfer
     from tftransfer.fine_tune import fine_tune
 
-    loaded = tftransfer.load_backbone(spec={
-        "architecture": "resnet", "stackwise_num_filters": [64, 128],
-        "stackwise_num_blocks": [1, 1], "stackwise_num_strides": [1, 2],
-        "block_type": "basic_block"}, image_size=32)
+    loaded = tftransfer.load_backbone(
+        spec=tftransfer.backbones.TINY_RESNET_SPEC, image_size=32)
     model = tftransfer.build_model(loaded, [tftransfer.HeadSpec(num_classes=5)])
     ds = tf.data.Dataset.from_tensor_slices(
         (np.random.rand(16, 32, 32, 3).astype("float32"), {"label": np.arange(16) % 5})).batch(8)

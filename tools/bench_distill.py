@@ -17,9 +17,11 @@
    - with `--init`: `alone_init` / `distilled_init`, the same two started
      from slices of the teacher's layers 0 and 5 (`distill.init_from_teacher`).
    The teacher's outputs are computed once (the cache) and shared by all.
-4. Cache speed: one distillation epoch over 480 examples with the teacher
-   run every step vs from cached outputs (second epochs, after tracing), and
-   the teacher/student forward cost ratio.
+4. Cache speed: a distillation epoch over 480 examples with the teacher run
+   every step vs from cached outputs (fastest of epochs 2-4, after tracing),
+   for the MiniLM teacher and for a random-init 5-layer copy of the student
+   (forward cost ~2x the student's: the goal's boundary), with the
+   teacher/student forward cost ratios.
 
 Prints a markdown table; writes every number to `--out` (JSON).
 """
@@ -50,6 +52,7 @@ def parse_args():
     p.add_argument("--alpha", type=float, default=0.1)
     p.add_argument("--init", action="store_true", help="Also run the init-from-teacher arms.")
     p.add_argument("--speed_examples", type=int, default=480)
+    p.add_argument("--speed_epochs", type=int, default=4)
     return p.parse_args()
 
 
@@ -90,7 +93,7 @@ def main():
     from tftransfer.builders import build_model, compile_for_heads
     from tftransfer.data import Split, make_pipeline
     from tftransfer.distill import report
-    from tftransfer.distill.cache import cached_pipeline, load_or_compute
+    from tftransfer.distill.cache import cached_pipeline, fingerprint, load_or_compute, teacher_outputs
     from tftransfer.distill.data import concatenate, load_transfer_text
     from tftransfer.distill.distiller import Distiller
     from tftransfer.distill.init import init_from_teacher
@@ -128,7 +131,9 @@ def main():
     probe_distiller = Distiller(teacher.model, probe, heads)
     start = time.perf_counter()
     outputs, info = load_or_compute(probe_distiller, combined, pre, "text", mode="disk",
-                                    cache_dir=os.path.join(W, "cache"), key="bench", batch_size=64)
+                                    cache_dir=os.path.join(W, "cache"), batch_size=64,
+                                    key=fingerprint([teacher_dir], corpus=corpus,
+                                                    backbone=config_lib.to_dict(cfg)["backbone"]))
     results["teacher_outputs"] = {**info, "examples": combined.num_examples,
                                   "seconds": time.perf_counter() - start}
     n_labelled = labelled.train.num_examples
@@ -191,34 +196,48 @@ def main():
     results["compression"] = report.compare(teacher_desc, {**student_desc, "accuracy": None})
 
     # -- Cache speed ratio ----------------------------------------------------------
+    # Two teachers: the real one (MiniLM) and a random-init 5-layer copy of the
+    # student's architecture, whose forward pass costs about twice the student's
+    # (the goal's boundary: >= 1.5x faster per epoch when the teacher costs >= 2x).
     n = min(args.speed_examples, combined.num_examples)
     subset = Split(combined.dataset.take(n), n)
-    subset_outputs = {"final_output": {head: outputs["final_output"][head][:n]}}
-    epoch_seconds = {}
-    for mode in ("teacher_every_step", "cached"):
-        _, model = student(0)
-        distiller = Distiller(teacher.model, model, heads, alpha=args.alpha, temperature=args.temperature)
-        distiller.compile(keras.optimizers.Adam(args.learning_rate))
-        if mode == "cached":
-            ds = cached_pipeline(subset, subset_outputs, pre, "text", heads, batch, training=True)
-        else:
-            ds = make_pipeline(subset, pre, "text", heads, batch, training=True)
-        timer = _EpochTimer()
-        distiller.fit(ds, epochs=2, verbose=0, callbacks=[timer])
-        epoch_seconds[mode] = timer.seconds[-1]  # the second epoch: no tracing
+    keras.utils.set_random_seed(0)
+    wide_spec = {**cfg.backbone.spec, "num_layers": 5}
+    from tftransfer.backbones import load_backbone
+
+    deeper = build_model(load_backbone(spec=wide_spec, sequence_length=cfg.backbone.sequence_length),
+                         heads, name="teacher_5_layers")
     x32 = {k: v[:32] for k, v in example.items()}
-    cost = {
-        who: _forward_seconds(m, x32)
-        for who, m in (("teacher", teacher.model), ("student", model))
-    }
-    results["cache_speed"] = {
-        "examples": n,
-        "epoch_seconds": epoch_seconds,
-        "speedup_per_epoch": epoch_seconds["teacher_every_step"] / epoch_seconds["cached"],
-        "one_off_teacher_pass_seconds_per_example": results["teacher_outputs"]["seconds"] / combined.num_examples,
-        "forward_seconds_batch32": cost,
-        "teacher_to_student_forward_cost": cost["teacher"] / cost["student"],
-    }
+    _, reference_student = student(0)
+    student_cost = _forward_seconds(reference_student, x32)
+    results["cache_speed"] = {"examples": n, "student_forward_seconds_batch32": student_cost}
+    for label, teacher_model in (("minilm", teacher.model), ("bert_5x128", deeper)):
+        epoch_seconds = {}
+        for mode in ("teacher_every_step", "cached"):
+            _, model = student(0)
+            distiller = Distiller(teacher_model, model, heads, alpha=args.alpha,
+                                  temperature=args.temperature)
+            distiller.compile(keras.optimizers.Adam(args.learning_rate))
+            if mode == "cached":
+                start = time.perf_counter()
+                subset_outputs = teacher_outputs(distiller, subset, pre, "text", batch_size=64)
+                one_off = time.perf_counter() - start
+                ds = cached_pipeline(subset, subset_outputs, pre, "text", heads, batch, training=True)
+            else:
+                ds = make_pipeline(subset, pre, "text", heads, batch, training=True)
+            timer = _EpochTimer()
+            distiller.fit(ds, epochs=args.speed_epochs, verbose=0, callbacks=[timer])
+            # After the first epoch (tracing, filling tf.data caches); the
+            # fastest one, as the shared CPU adds noise.
+            epoch_seconds[mode] = min(timer.seconds[1:])
+        teacher_cost = _forward_seconds(teacher_model, x32)
+        results["cache_speed"][label] = {
+            "epoch_seconds": epoch_seconds,
+            "speedup_per_epoch": epoch_seconds["teacher_every_step"] / epoch_seconds["cached"],
+            "one_off_teacher_pass_seconds": one_off,
+            "teacher_forward_seconds_batch32": teacher_cost,
+            "teacher_to_student_forward_cost": teacher_cost / student_cost,
+        }
     results["total_seconds"] = time.perf_counter() - started
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
@@ -257,10 +276,11 @@ def _forward_seconds(model, x, runs=10):
 
 def print_table(r):
     t, s = r["teacher"], r["student"]
-    print(f"\nTeacher: MiniLM-L6 fine-tuned, {t['parameters']:,} params, {t['size_mb']:.1f} MB, "
+    print(f"\nTeacher: MiniLM-L6 fine-tuned, {t['parameters']:,} params, {t['weights_mb']:.1f} MB of weights "
+          f"({t['size_mb']:.1f} MB file with optimizer state), "
           f"{t['latency_ms_per_example']:.2f} ms/example; accuracy {t['accuracy']:.4f}")
     print(f"Student: {s['parameters']:,} params ({100 * r['compression']['parameters_ratio']:.1f}%), "
-          f"{s['size_mb']:.1f} MB, {s['latency_ms_per_example']:.2f} ms/example "
+          f"{s['weights_mb']:.1f} MB of weights, {s['latency_ms_per_example']:.2f} ms/example "
           f"({r['compression']['speedup']:.1f}x faster)\n")
     print("| student | accuracy (mean ± std, 3 seeds) | errors / 400 | % of teacher |")
     print("|---|---|---|---|")
@@ -268,10 +288,13 @@ def print_table(r):
         print(f"| {name} | {row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f} | "
               f"{row['errors_mean']:.1f} | {row['accuracy_retained_percent']:.1f}% |")
     c = r["cache_speed"]
-    print(f"\nCache: epoch over {c['examples']} examples {c['epoch_seconds']['teacher_every_step']:.2f}s "
-          f"(teacher every step) vs {c['epoch_seconds']['cached']:.2f}s (cached): "
-          f"{c['speedup_per_epoch']:.2f}x; teacher forward costs {c['teacher_to_student_forward_cost']:.1f}x "
-          f"the student's. Total {r['total_seconds']:.0f}s.")
+    for label in ("minilm", "bert_5x128"):
+        row = c[label]
+        print(f"Cache, teacher {label} (forward {row['teacher_to_student_forward_cost']:.1f}x the student's): "
+              f"epoch over {c['examples']} examples {row['epoch_seconds']['teacher_every_step']:.2f}s "
+              f"(teacher every step) vs {row['epoch_seconds']['cached']:.2f}s (cached): "
+              f"{row['speedup_per_epoch']:.2f}x; one-off teacher pass {row['one_off_teacher_pass_seconds']:.2f}s.")
+    print(f"Total {r['total_seconds']:.0f}s.")
 
 
 if __name__ == "__main__":

@@ -45,20 +45,13 @@ import tensorflow as tf  # noqa: E402
 
 import tftransfer  # noqa: E402
 from tftransfer import data as data_lib  # noqa: E402
+from tftransfer.backbones import TINY_RESNET_SPEC  # noqa: E402
 from tftransfer.callbacks import ProgressiveUnfreezing  # noqa: E402
 from tftransfer.heads import HeadSpec  # noqa: E402
 from tftransfer.optimizers import ULMFIT_LR_DECAY  # noqa: E402
 from tftransfer.schedules import SlantedTriangular  # noqa: E402
 
-RESNET_SPEC = {
-    "architecture": "resnet",
-    "input_conv_filters": [64],
-    "input_conv_kernel_sizes": [3],
-    "stackwise_num_filters": [64, 128],
-    "stackwise_num_blocks": [1, 1],
-    "stackwise_num_strides": [1, 2],
-    "block_type": "basic_block",
-}
+RESNET_SPEC = TINY_RESNET_SPEC
 SEEDS = (0, 1, 2)
 RECIPES = ("head_only", "full_one_lr", "ulmfit")
 

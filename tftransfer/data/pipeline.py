@@ -2,8 +2,9 @@
 
 Preprocessing runs here, on the host, in parallel and ahead of the
 accelerator (prefetch), so the train step only sees ready tensors. Images
-are decoded/resized/normalised once and cached; text is tokenised per batch
-after shuffling (so each epoch sees new batches).
+are decoded/resized/normalised once and cached; text is tokenised once per
+example and cached (or per batch, in parallel, when `cache=False`); shuffling
+and batching come after the cache, so each epoch sees new batches.
 """
 
 import tensorflow as tf
@@ -74,9 +75,17 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
                 return x, y
 
             ds = ds.map(apply, num_parallel_calls=AUTOTUNE)
+    elif cache:
+        # Tokenise each example once, then cache: later epochs only shuffle
+        # and batch ready token ids (tokenising costs as much as a small
+        # BERT's forward pass on CPU).
+        ds = ds.map(lambda x, y: (preprocessor(x), y), num_parallel_calls=AUTOTUNE).cache()
+        if training:
+            ds = ds.shuffle(min(shuffle_buffer, max(split.num_examples, 1)), seed=seed,
+                            reshuffle_each_iteration=True)
+        ds = ds.batch(global_batch_size, drop_remainder=drop_remainder)
     else:
-        if cache:
-            ds = ds.cache()
+        # No cache (data larger than memory): tokenise whole batches, in parallel.
         if training:
             ds = ds.shuffle(min(shuffle_buffer, max(split.num_examples, 1)), seed=seed,
                             reshuffle_each_iteration=True)
