@@ -28,13 +28,15 @@ def _held_out_accuracy(load_weights):
     loaded = backbones.load_backbone(minilm_dir(), load_weights=load_weights, sequence_length=24)
     heads = [HeadSpec(num_classes=2, pooling="mean")]
     model = builders.build_model(loaded, heads, freeze_backbone=True)
-    builders.compile_for_heads(model, heads, keras.optimizers.Adam(3e-2))
+    builders.compile_for_heads(model, heads, keras.optimizers.Adam(1e-2))
     train = make_pipeline(_split(TRAIN), loaded.preprocessor, "text", heads, 16, training=True)
     held_out = make_pipeline(_split(HELD_OUT), loaded.preprocessor, "text", heads, 64)
-    model.fit(train, epochs=40, verbose=0)
+    model.fit(train, epochs=30, verbose=0)
     return model.evaluate(held_out, return_dict=True, verbose=0)["accuracy"]
 
 
+# Measured (lr 1e-2, 30 epochs, seeds 0/1/2): pretrained 0.958 / 0.938 / -,
+# random init 0.583 / 0.542 / 0.542 held-out accuracy.
 def test_pretrained_minilm_transfers_and_random_init_does_not():
     assert len(TRAIN) == 16 and len(HELD_OUT) >= 40
     pretrained = _held_out_accuracy(load_weights=True)

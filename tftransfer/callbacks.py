@@ -426,3 +426,8 @@ def _strategy_scope(model):
 
         return contextlib.nullcontext()
     return strategy.scope()
+
+
+# The distillation schedule lives with the rest of distillation; re-exported
+# here so every training callback is reachable from `tftransfer.callbacks`.
+from tftransfer.distill.schedule import DistillationSchedule  # noqa: E402,F401
