@@ -364,9 +364,12 @@ def test_cli_missing_teacher_dir_exits_2(tmp_path):
     _assert_user_error(result, W, "no such work dir or .keras file")
 
 
-def test_cli_class_count_mismatch_exits_2(teacher_workdir, tmp_path):
+@pytest.mark.parametrize("override, fragment", [
+    ("--config.data.digits.classes=[0, 1, 2, 3]", "head 'label' has 3 classes but the student's has 4"),
+    ("--config.data.augment.flip=horizontal", "cached teacher outputs would not match the augmented"),
+])
+def test_cli_mismatched_teacher_or_augmented_cache_exits_2(teacher_workdir, tmp_path, override, fragment):
     W = str(tmp_path / "w")
     config = _student_config(tmp_path, teacher_workdir)
-    result = run_cli("tftransfer.distill", f"--config={config}", f"--workdir={W}",
-                     "--config.data.digits.classes=[0, 1, 2, 3]")
-    _assert_user_error(result, W, "head 'label' has 3 classes but the student's has 4")
+    result = run_cli("tftransfer.distill", f"--config={config}", f"--workdir={W}", override)
+    _assert_user_error(result, W, fragment)

@@ -15,6 +15,7 @@ percentage of the teacher's accuracy the student retains. Exit code 2: user
 error (one line on stderr).
 """
 
+import dataclasses
 import os
 import time
 
@@ -89,6 +90,11 @@ def main(argv):
             raise UserError("distill.transfer_path: unlabelled transfer data is supported for text only.")
         transfer = distill_data.load_transfer_text(dcfg.transfer_path, cfg.data.input_key or "text")
     train_split = distill_data.concatenate(labelled.train, transfer)
+    if dcfg.cache != "none" and cfg.data.augment.enabled:
+        raise UserError(
+            f"distill.cache={dcfg.cache} with data.augment: cached teacher outputs would not match "
+            f"the augmented images; set distill.cache: none or disable data.augment."
+        )
 
     # 4. Teacher, student, distiller inside the strategy scope.
     steps = experiment.steps_per_epoch(cfg, train_split.num_examples, global_batch)
@@ -140,16 +146,16 @@ def main(argv):
     # 6. Pipelines; with a cache the teacher runs once per split, here.
     pipeline_args = dict(
         preprocessor=loaded.preprocessor, modality=loaded.modality, heads=heads,
-        global_batch_size=global_batch, cache=cfg.data.cache,
-        drop_remainder=cfg.distribute.strategy == "tpu",
+        cache=cfg.data.cache, drop_remainder=cfg.distribute.strategy == "tpu",
     )
+    eval_batch = experiment.eval_batch_size(cfg, strategy.num_replicas_in_sync)
     cache_info = {"mode": dcfg.cache}
     if dcfg.cache == "none":
-        train_ds = make_pipeline(train_split, training=True, shuffle_buffer=cfg.data.shuffle_buffer,
-                                 seed=cfg.train.seed, **pipeline_args)
-        val_ds = None
-        if labelled.validation is not None:
-            val_ds = make_pipeline(labelled.validation, **pipeline_args)
+        # The teacher runs on every (possibly augmented) training batch.
+        train_ds, val_ds = experiment.pipelines(
+            cfg, dataclasses.replace(labelled, train=train_split), loaded, heads, global_batch,
+            strategy.num_replicas_in_sync,
+        )
     else:
         key = cache_lib.fingerprint(
             dcfg.teacher, data=config_lib.to_dict(cfg)["data"], transfer=dcfg.transfer_path,
@@ -163,13 +169,13 @@ def main(argv):
                 continue
             outputs, info = cache_lib.load_or_compute(
                 distiller, split, loaded.preprocessor, loaded.modality, mode=dcfg.cache,
-                cache_dir=os.path.join(W, CACHE_DIR), key=key, name=name,
-                batch_size=global_batch,
+                cache_dir=os.path.join(W, CACHE_DIR), key=key, name=name, batch_size=eval_batch,
             )
             cache_info[name] = info
             cached[name] = cache_lib.cached_pipeline(
                 split, outputs, training=name == "train", shuffle_buffer=cfg.data.shuffle_buffer,
-                seed=cfg.train.seed, **pipeline_args,
+                seed=cfg.train.seed, global_batch_size=global_batch if name == "train" else eval_batch,
+                **pipeline_args,
             )
         train_ds, val_ds = cached["train"], cached.get("validation")
 
@@ -202,7 +208,7 @@ def main(argv):
 
     save_serving_assets(W, loaded, heads)
     eval_split = labelled.validation or labelled.train
-    eval_ds = make_pipeline(eval_split, **{**pipeline_args, "cache": False})
+    eval_ds = make_pipeline(eval_split, global_batch_size=eval_batch, **{**pipeline_args, "cache": False})
     example = next(iter(eval_ds))[0]
     head = heads[0].name
     teacher_report = report.describe(teacher.model, eval_ds, head, teacher.size_bytes, example)

@@ -88,14 +88,14 @@ def cached_pipeline(split, outputs, preprocessor, modality, heads, global_batch_
         return ds.shuffle(min(shuffle_buffer, max(split.num_examples, 1)), seed=seed,
                           reshuffle_each_iteration=True)
 
-    if modality == "image":
+    if modality == "image" or cache:
+        # Preprocess (decode / tokenise) each example once, then cache.
         ds = ds.map(lambda x, y, t: (preprocessor(x), y, t), num_parallel_calls=AUTOTUNE)
         if cache:
             ds = ds.cache()
         ds = shuffle(ds).batch(global_batch_size, drop_remainder=drop_remainder)
     else:
-        if cache:
-            ds = ds.cache()
+        # Text without a cache: tokenise whole batches, in parallel.
         ds = shuffle(ds).batch(global_batch_size, drop_remainder=drop_remainder)
         ds = ds.map(lambda x, y, t: (preprocessor(x), y, t), num_parallel_calls=AUTOTUNE)
     ds = ds.map(lambda x, y, t: ({STUDENT_INPUTS: x, TEACHER_OUTPUTS: t}, to_targets(y)),
