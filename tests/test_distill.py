@@ -209,7 +209,7 @@ def test_cached_and_uncached_training_give_the_same_student(tmp_path):
 
 
 def test_ensemble_teacher_averages_logits(tmp_path):
-    a, b = _dense_model(16, "a", 0), _dense_model(12, "b", 1)
+    a, b = _dense_model(16, "transfer_model", 0), _dense_model(12, "transfer_model", 1)  # same names
     paths = [str(tmp_path / "a.keras"), str(tmp_path / "b.keras")]
     a.save(paths[0])
     b.save(paths[1])

@@ -1,7 +1,8 @@
 """tftransfer: transfer learning from foundation models with Keras 3 / TensorFlow.
 
 Public API (explicit re-exports; nothing registers itself by import side effect
-except the Keras-serializable layers and schedules that saved models need).
+except the Keras-serializable classes that saved models need: HFBertBackbone,
+SlantedTriangular).
 """
 
 import os as _os
@@ -16,6 +17,7 @@ from tftransfer.errors import UserError  # noqa: E402
 from tftransfer.export import export_saved_model  # noqa: E402
 from tftransfer.fine_tune import fine_tune  # noqa: E402
 from tftransfer.heads import HeadSpec  # noqa: E402
+from tftransfer import hf_bert  # noqa: E402,F401  (registers HFBertBackbone: saved text models load after import)
 from tftransfer.schedules import SlantedTriangular  # noqa: E402  (saved models using it load after import)
 
 __version__ = "0.1.0"

@@ -295,7 +295,7 @@ class DistillConfig:
 
     The student is the config's usual `backbone` / `heads`; the teacher is
     one or more trained work dirs or `.keras` files (several: an ensemble,
-    logits averaged). See docs/distill.md.
+    logits averaged). See README.md, "Knowledge distillation".
     """
 
     # Trained work dirs (W/model.keras + W/config.yaml) or .keras files.

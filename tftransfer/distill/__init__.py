@@ -5,7 +5,7 @@ Built on `keras.distillation` (Keras >= 3.12): `Distiller` subclasses
 FeatureDistillation`. What tftransfer adds: dict (`{head: logits}`) outputs,
 alpha / temperature as variables moved by `DistillationSchedule`, cached
 teacher outputs, teacher ensembles, input-compatibility checks, and
-`python -m tftransfer.distill` (see `__main__.py` and docs/distill.md).
+`python -m tftransfer.distill` (see `__main__.py` and README.md, "Knowledge distillation").
 
 Library use (no config needed):
 

@@ -95,6 +95,7 @@ def ensemble(models, name="teacher_ensemble"):
 
     Args:
         models: list of keras.Model with the same inputs and output heads.
+            Members whose names clash are renamed `member_<i>_<name>`.
         name: str. Defaults to `"teacher_ensemble"`.
 
     Returns:
@@ -106,6 +107,12 @@ def ensemble(models, name="teacher_ensemble"):
     ```
     """
     first = models[0]
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        # Why: a functional model needs unique layer names, and every work
+        # dir's model is called `transfer_model`: rename the (loaded) members.
+        for i, model in enumerate(models):
+            model.name = f"member_{i}_{model.name}"
     inputs = keras.tree.map_structure(
         lambda t: keras.Input(shape=t.shape[1:], dtype=t.dtype, name=t.name.split(":")[0]),
         first.input,

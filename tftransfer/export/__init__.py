@@ -11,7 +11,7 @@
 - `save_serving_assets(W, loaded, heads)` / `load_serving_assets(W)`: the
   preprocessor and heads that `model.keras` lacks.
 
-See docs/serving.md.
+See README.md, "Serving".
 """
 
 from tftransfer.export.assets import (

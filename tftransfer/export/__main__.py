@@ -9,7 +9,7 @@
 Reads `W/model.keras` (safe mode), `W/preprocessor/` and `W/heads.json`
 (written by `tftransfer.train`) and `W/config.yaml`. Text SavedModels also
 get a core-ops twin, `<export_base>_token_ids/<N>/`, that loads without TF
-Text. See docs/serving.md. Exit code 2: user error (one line on stderr).
+Text. See README.md, "Serving". Exit code 2: user error (one line on stderr).
 """
 
 from absl import flags

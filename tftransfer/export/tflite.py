@@ -37,7 +37,7 @@ from tftransfer.export import saved_model
 QUANTIZE_MODES = ("none", "float16", "dynamic_range")
 TFLITE_FILE = "model.tflite"
 # Max abs difference of `probabilities` against the SavedModel, held by the tests
-# (tiny random-init models; measured values are in docs/serving.md).
+# (tiny random-init models; measured values are in BENCHMARKS.md).
 TOLERANCE = {"none": 1e-5, "float16": 1e-2, "dynamic_range": 5e-2}
 
 
