@@ -18,6 +18,22 @@ TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "movie",
               "good", "bad", "great", "awful", "is", "not", "very", "fun", "boring", "!"]
 
 
+# A complete, seconds-long training run: tiny ResNet on three digit classes.
+TINY_DIGITS_YAML = """
+name: tiny_digits
+backbone:
+  spec: {architecture: resnet, input_conv_filters: [64], input_conv_kernel_sizes: [3],
+         stackwise_num_filters: [64, 128], stackwise_num_blocks: [1, 1],
+         stackwise_num_strides: [1, 2], block_type: basic_block}
+  image_size: 16
+data:
+  source: digits
+  digits: {classes: [0, 1, 2], train_per_class: 20}
+  batch_size: 20
+train: {epochs: 2, optimizer: adam, verbose: 0}
+"""
+
+
 def tiny_bert_spec(vocabulary=TINY_VOCAB):
     return {"architecture": "bert", "vocabulary": list(vocabulary), "num_layers": 2,
             "num_heads": 2, "hidden_dim": 16, "intermediate_dim": 32, "max_sequence_length": 32}

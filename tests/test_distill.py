@@ -26,7 +26,7 @@ from tftransfer.distill.init import evenly_spaced
 from tftransfer.errors import UserError
 from tftransfer.heads import HeadSpec
 
-from conftest import TINY_VOCAB, run_cli, tiny_bert_spec
+from conftest import TINY_DIGITS_YAML, TINY_VOCAB, run_cli, tiny_bert_spec
 
 HEADS = [HeadSpec(num_classes=3)]
 ACCURACY = {"label": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]}
@@ -268,21 +268,6 @@ def test_init_from_teacher_copies_slices_of_the_chosen_layers():
 # python -m tftransfer.distill
 # ---------------------------------------------------------------------------
 
-TEACHER_YAML = """
-name: tiny_teacher
-backbone:
-  spec: {architecture: resnet, input_conv_filters: [64], input_conv_kernel_sizes: [3],
-         stackwise_num_filters: [64, 128], stackwise_num_blocks: [1, 1],
-         stackwise_num_strides: [1, 2], block_type: basic_block}
-  image_size: 16
-data:
-  source: digits
-  digits: {classes: [0, 1, 2], train_per_class: 20}
-  batch_size: 20
-train: {epochs: 3, optimizer: adam, verbose: 0}
-export: {saved_model: false}
-"""
-
 STUDENT_YAML = """
 name: tiny_student
 backbone:
@@ -310,9 +295,10 @@ distill:
 def teacher_workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("teacher")
     config = root / "teacher.yaml"
-    config.write_text(TEACHER_YAML)
+    config.write_text(TINY_DIGITS_YAML)
     W = str(root / "w")
-    result = run_cli("tftransfer.train", f"--config={config}", f"--workdir={W}")
+    result = run_cli("tftransfer.train", f"--config={config}", f"--workdir={W}", "--config.name=tiny_teacher",
+                     "--config.train.epochs=3", "--config.export.saved_model=false")
     assert result.returncode == 0, result.stderr[-3000:]
     return W
 

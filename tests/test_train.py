@@ -10,22 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
-
-TINY_DIGITS = """
-name: tiny_digits
-backbone:
-  spec: {architecture: resnet, input_conv_filters: [64], input_conv_kernel_sizes: [3],
-         stackwise_num_filters: [64, 128], stackwise_num_blocks: [1, 1],
-         stackwise_num_strides: [1, 2], block_type: basic_block}
-  image_size: 16
-data:
-  source: digits
-  digits: {classes: [0, 1, 2], train_per_class: 20}
-  batch_size: 20
-train: {epochs: 2, optimizer: adam, verbose: 0}
-"""
-
+from conftest import REPO, TINY_DIGITS_YAML as TINY_DIGITS, run_cli
 
 def _config(tmp_path, text=TINY_DIGITS, name="c.yaml"):
     path = tmp_path / name

@@ -15,7 +15,60 @@ from absl import app, flags
 from tftransfer.errors import UserError
 
 OVERRIDE_PREFIX = "--config."
+STRATEGIES = ["auto", "one_device", "mirrored", "multi_worker", "tpu"]
+FLAGS = flags.FLAGS
 _overrides = []
+
+
+def define_run_flags(config_help, workdir_help):
+    """The flags every training-like entrypoint shares.
+
+    `--config`, `--workdir` (required), `--strategy`, `--overwrite`. Call once,
+    at import of the entrypoint module (one entrypoint per process).
+    """
+    flags.DEFINE_string("config", None, config_help)
+    flags.DEFINE_string("workdir", None, workdir_help)
+    flags.DEFINE_enum("strategy", None, STRATEGIES, "tf.distribute strategy; overrides distribute.strategy.")
+    flags.DEFINE_bool("overwrite", False, "Start over in a work dir that holds a finished or unfinished run.")
+    flags.mark_flags_as_required(["workdir"])
+
+
+def load_run_config():
+    """`--config` with the `--config.*` overrides and `--strategy` applied (nothing written)."""
+    from tftransfer import config as config_lib
+
+    overrides = config_overrides()
+    if FLAGS.strategy:
+        overrides.append(f"distribute.strategy={FLAGS.strategy}")
+    return config_lib.load_config(FLAGS.config, overrides)
+
+
+def start_run(cfg):
+    """Claim `--workdir` for `cfg` and set up seed, precision and strategy.
+
+    Refuses a finished run or a resume with a different config (see
+    `tftransfer.workdir.check_can_start`); `--overwrite` clears the old run.
+
+    Returns:
+        (config_text, resuming, strategy): the resolved YAML to write once
+        inputs are validated, whether a backup will be resumed, and the
+        `tf.distribute.Strategy`.
+    """
+    import os
+
+    import keras
+
+    from tftransfer import config as config_lib
+    from tftransfer import distribute, workdir
+
+    config_text = config_lib.dump_yaml(cfg)
+    resuming = workdir.check_can_start(FLAGS.workdir, config_text, overwrite=FLAGS.overwrite)
+    if FLAGS.overwrite and os.path.isdir(FLAGS.workdir):
+        workdir.clear(FLAGS.workdir)
+    keras.utils.set_random_seed(cfg.train.seed)
+    distribute.set_precision(cfg.distribute.precision)
+    strategy = distribute.get_strategy(cfg.distribute.strategy, cfg.distribute.tpu)
+    return config_text, resuming, strategy
 
 
 def config_overrides():
@@ -33,7 +86,7 @@ def _parse_flags(argv):
             rest.append(arg)
     try:
         return flags.FLAGS(rest)
-    except SystemExit as e:
+    except SystemExit:
         # absl exits 1 after printing --help/--helpfull; asking for help is not a failure.
         if any(a.split("=")[0] in ("--help", "--helpfull", "--helpshort", "-h") for a in rest):
             sys.exit(0)

@@ -35,8 +35,8 @@ def main(argv):
     heads = experiment.resolve_heads(cfg, labelled)
     split = labelled.validation if FLAGS.split == "validation" else labelled.train
     if split is None:
-        raise UserError(f"--split=validation: the config's data has no validation split; "
-                        f"set data.validation_split/validation_path/validation_fraction or use --split=train.")
+        raise UserError("--split=validation: the config's data has no validation split; "
+                        "set data.validation_split/validation_path/validation_fraction or use --split=train.")
     # The exact preprocessing the model was trained with (W/preprocessor/).
     from tftransfer.export import load_serving_assets
 

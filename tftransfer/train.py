@@ -16,19 +16,12 @@ from absl import flags, logging
 from tftransfer import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "config", None,
-    "YAML experiment file (see configs/). Override any key with "
+cli.define_run_flags(
+    config_help="YAML experiment file (see configs/). Override any key with "
     "--config.<dotted.key>=<yaml value>, e.g. --config.train.epochs=3 or "
     "--config.heads.0.num_classes=5.",
+    workdir_help="Work directory for config, checkpoints, logs, metrics, export.",
 )
-flags.DEFINE_string("workdir", None, "Work directory for config, checkpoints, logs, metrics, export.")
-flags.DEFINE_enum(
-    "strategy", None, ["auto", "one_device", "mirrored", "multi_worker", "tpu"],
-    "tf.distribute strategy; overrides distribute.strategy.",
-)
-flags.DEFINE_bool("overwrite", False, "Start over in a work dir that holds a finished or unfinished run.")
-flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
@@ -37,24 +30,15 @@ def main(argv):
     import keras
 
     from tftransfer import config as config_lib
-    from tftransfer import distribute, experiment, workdir
+    from tftransfer import experiment, workdir
     from tftransfer.errors import UserError
 
     # 1. Config: load, override, validate (nothing written yet).
-    overrides = cli.config_overrides()
-    if FLAGS.strategy:
-        overrides.append(f"distribute.strategy={FLAGS.strategy}")
-    cfg = config_lib.load_config(FLAGS.config, overrides)
-    config_text = config_lib.dump_yaml(cfg)
+    cfg = cli.load_run_config()
     W = FLAGS.workdir
-    resuming = workdir.check_can_start(W, config_text, overwrite=FLAGS.overwrite)
-    if FLAGS.overwrite and os.path.isdir(W):
-        workdir.clear(W)
 
-    # 2. Runtime: seed, precision, strategy.
-    keras.utils.set_random_seed(cfg.train.seed)
-    distribute.set_precision(cfg.distribute.precision)
-    strategy = distribute.get_strategy(cfg.distribute.strategy, cfg.distribute.tpu)
+    # 2. Work dir claimed; runtime: seed, precision, strategy.
+    config_text, resuming, strategy = cli.start_run(cfg)
     replicas = strategy.num_replicas_in_sync
     global_batch = cfg.data.batch_size * replicas
 

@@ -24,18 +24,11 @@ from absl import flags, logging
 from tftransfer import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "config", None,
-    "YAML experiment file with a `distill` section (see configs/distill_*.yaml). Override any "
-    "key with --config.<dotted.key>=<yaml value>, e.g. --config.distill.temperature=4.",
+cli.define_run_flags(
+    config_help="YAML experiment file with a `distill` section (see configs/distill_*.yaml). Override "
+    "any key with --config.<dotted.key>=<yaml value>, e.g. --config.distill.temperature=4.",
+    workdir_help="Work directory for the student: config, logs, cache, metrics, export.",
 )
-flags.DEFINE_string("workdir", None, "Work directory for the student: config, logs, cache, metrics, export.")
-flags.DEFINE_enum(
-    "strategy", None, ["auto", "one_device", "mirrored", "multi_worker", "tpu"],
-    "tf.distribute strategy; overrides distribute.strategy.",
-)
-flags.DEFINE_bool("overwrite", False, "Start over in a work dir that holds a finished or unfinished run.")
-flags.mark_flags_as_required(["workdir"])
 
 CACHE_DIR = "cache"
 
@@ -46,7 +39,7 @@ def main(argv):
     import keras
 
     from tftransfer import config as config_lib
-    from tftransfer import distribute, experiment, workdir
+    from tftransfer import experiment, workdir
     from tftransfer.builders import build_model
     from tftransfer.data import make_pipeline
     from tftransfer.distill import cache as cache_lib
@@ -59,26 +52,17 @@ def main(argv):
     from tftransfer.errors import UserError
 
     # 1. Config: load, override, validate (nothing written yet).
-    overrides = cli.config_overrides()
-    if FLAGS.strategy:
-        overrides.append(f"distribute.strategy={FLAGS.strategy}")
-    cfg = config_lib.load_config(FLAGS.config, overrides)
+    cfg = cli.load_run_config()
     if cfg.distill is None:
         raise UserError(
             f"--config {FLAGS.config or '(none)'} has no distill section; add distill: {{teacher: "
             f"[path/to/trained/workdir]}} (see configs/distill_minilm_sentiment.yaml)."
         )
     dcfg = cfg.distill
-    config_text = config_lib.dump_yaml(cfg)
     W = FLAGS.workdir
-    resuming = workdir.check_can_start(W, config_text, overwrite=FLAGS.overwrite)
-    if FLAGS.overwrite and os.path.isdir(W):
-        workdir.clear(W)
 
-    # 2. Runtime: seed, precision, strategy.
-    keras.utils.set_random_seed(cfg.train.seed)
-    distribute.set_precision(cfg.distribute.precision)
-    strategy = distribute.get_strategy(cfg.distribute.strategy, cfg.distribute.tpu)
+    # 2. Work dir claimed; runtime: seed, precision, strategy.
+    config_text, resuming, strategy = cli.start_run(cfg)
     global_batch = cfg.data.batch_size * strategy.num_replicas_in_sync
 
     # 3. Data, fully checked before the work dir is touched.
