@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,6 +10,8 @@ import tensorflow as tf
 from tftransfer import data
 from tftransfer.errors import UserError
 from tftransfer.heads import HeadSpec
+
+from conftest import REPO, TINY_DIGITS_YAML, run_cli
 
 
 def _write_png(path, value, size=(10, 12)):
@@ -97,11 +102,57 @@ def _csv(tmp_path, name, text):
 
 def test_tfds_by_name_and_split_with_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=6):
-        d = data.load_tfds("tf_flowers", train_split="train[:50%]", validation_split="train[50%:]")
+    with tfds.testing.mock_data(num_examples=6):  # mock: nothing to download or prepare
+        d = data.load_tfds("tf_flowers", train_split="train[:50%]", validation_split="train[50%:]",
+                           download=False)
         assert d.modality == "image" and len(d.class_names) == 5
         x, y = next(iter(d.train.dataset))
         assert x.dtype == tf.float32 and x.shape[-1] == 3 and y.dtype == tf.int32
+
+
+def test_tfds_prepared_locally_trains_through_the_cli(tmp_path):
+    """A real TFDS builder prepared in data.data_dir: no mock, no network, the env `make` builds."""
+    pytest.importorskip("tensorflow_datasets")
+    data_dir = tmp_path / "tfds"
+    prepare = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import tiny_tfds_builder as t; "
+         "t.TinyShapes(data_dir=sys.argv[2]).download_and_prepare()",
+         os.path.join(REPO, "tests", "fixtures"), str(data_dir)],
+        capture_output=True, text=True, timeout=300)
+    assert prepare.returncode == 0, prepare.stderr[-2000:]
+    config = tmp_path / "c.yaml"
+    config.write_text(TINY_DIGITS_YAML.split("data:")[0] + f"""
+data: {{source: tfds, name: tiny_shapes, data_dir: {data_dir}, train_split: train, validation_split: test,
+        batch_size: 12}}
+train: {{epochs: 1, verbose: 0}}
+export: {{saved_model: false}}
+""")
+    W = tmp_path / "w"
+    result = run_cli("tftransfer.train", f"--config={config}", f"--workdir={W}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.load(open(W / "metrics.json"))
+    assert metrics["num_train_examples"] == 36 and metrics["num_validation_examples"] == 12
+    heads = json.load(open(W / "heads.json"))
+    assert heads["heads"][0]["class_names"] == ["bright", "dark", "striped"]
+
+
+def test_tfds_offline_download_fails_fast_with_one_line(tmp_path, monkeypatch):
+    """An unprepared dataset whose download host is unreachable: one line at once, no minutes of retries."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import socket
+    import time
+
+    def unreachable(address, *args, **kwargs):
+        raise OSError(f"[Errno -2] Name or service not known: {address[0]}")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                        lambda *a, **k: pytest.fail("downloaded although the host is unreachable"))
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"data.name 'tf_flowers' is not prepared in .* download host "
+                                         r"download.tensorflow.org is unreachable.*data.data_dir"):
+        data.load_tfds("tf_flowers", data_dir=str(tmp_path / "empty"))
+    assert time.perf_counter() - start < 30
 
 
 def test_pipeline_global_batch_and_one_hot_targets():

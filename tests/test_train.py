@@ -135,6 +135,25 @@ def test_empty_dataset(tmp_path):
                        "holds no examples")
 
 
+def test_empty_validation_split_is_refused(tmp_path, monkeypatch):
+    """Any source whose validation split comes out empty (e.g. a TFDS slice) is refused up front."""
+    import tensorflow as tf
+
+    from tftransfer import config as config_lib
+    from tftransfer import data as data_lib
+    from tftransfer import experiment
+    from tftransfer.errors import UserError
+
+    def empty(n):
+        return data_lib.Split(tf.data.Dataset.from_tensor_slices((["good"] * n, [0] * n)), n)
+
+    monkeypatch.setattr(data_lib, "load_text_file", lambda *a, **k: data_lib.LabelledData(
+        "text", empty(4), empty(0), ["a", "b"]))
+    cfg = config_lib.load_config(_text_config(tmp_path, [("good", 0), ("bad", 1)]), [])
+    with pytest.raises(UserError, match="validation split of source csv is empty"):
+        experiment.load_data(cfg)
+
+
 def test_undecodable_image_names_the_file(tmp_path):
     from PIL import Image
 

@@ -38,6 +38,12 @@ def load_data(cfg):
         )
     if loaded.train.num_examples == 0:
         raise UserError(f"data: the training split of source {d.source} is empty.")
+    if loaded.validation is not None and loaded.validation.num_examples == 0:
+        # Never evaluate zero rows (fused kernels can fail on an empty batch).
+        raise UserError(
+            f"data: the validation split of source {d.source} is empty; point "
+            f"data.validation_split/validation_path at examples, or leave it unset."
+        )
     return loaded
 
 

@@ -336,17 +336,31 @@ def load_tfds(name, train_split="train", validation_split=None, data_dir=None,
     """A TFDS dataset by name and split (images or text, one class label)."""
     try:
         import tensorflow_datasets as tfds
-    except ImportError:
-        raise UserError("data.source tfds needs tensorflow-datasets: pip install 'tftransfer[tfds]'.")
+        # Imported lazily inside TFDS (and not declared by it): a missing one
+        # would surface later as a misleading "could not provide" error.
+        import importlib_resources  # noqa: F401
+        import tensorflow_datasets.core.dataset_builder  # noqa: F401
+    except ImportError as e:
+        raise UserError(
+            f"data.source tfds needs tensorflow-datasets and its dependencies ({e}); "
+            f"pip install 'tftransfer[tfds]'."
+        )
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-        if download:
-            builder.download_and_prepare()
     except Exception as e:
         raise UserError(
-            f"data.name {name!r}: TFDS could not provide it ({str(e).splitlines()[0][:160]}); "
-            f"check the name, or pass data.data_dir holding a prepared copy when offline."
+            f"data.name {name!r}: TFDS does not know it ({str(e).splitlines()[0][:160]}); "
+            f"check the name, or pass data.data_dir holding a prepared copy."
         )
+    if download and not builder.is_prepared():
+        _check_download_hosts(name, builder, data_dir)
+        try:
+            builder.download_and_prepare()
+        except Exception as e:
+            raise UserError(
+                f"data.name {name!r}: TFDS could not download and prepare it "
+                f"({str(e).splitlines()[0][:160]}); pass data.data_dir holding a prepared copy."
+            )
     features = builder.info.features
     if label_key not in features:
         raise UserError(f"data.label_key {label_key!r} is not a feature of {name}: {list(features)}.")
@@ -376,6 +390,34 @@ def load_tfds(name, train_split="train", validation_split=None, data_dir=None,
 
     val = split(validation_split) if validation_split else None
     return LabelledData(modality, split(train_split), val, class_names)
+
+
+def _check_download_hosts(name, builder, data_dir, timeout=5.0):
+    """UserError at once when a host the dataset downloads from is unreachable.
+
+    TFDS retries a failed download with back-off for minutes (urllib3's
+    Retry); offline, the user should hear that at once, with what to do.
+    Only the hosts the builder declares (its registered checksums) are
+    probed; a builder that declares none downloads as usual.
+    """
+    import socket
+    import urllib.parse
+
+    hosts = {}
+    for url in (getattr(builder, "url_infos", None) or {}):
+        parsed = urllib.parse.urlparse(str(url))
+        if parsed.hostname:
+            hosts[parsed.hostname] = parsed.port or (443 if parsed.scheme == "https" else 80)
+    for host, port in sorted(hosts.items()):
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as e:
+            where = data_dir or "~/tensorflow_datasets"
+            raise UserError(
+                f"data.name {name!r} is not prepared in {where} and its download host {host} "
+                f"is unreachable ({e}); prepare it where there is network "
+                f"(tfds build {name} --data_dir=DIR) and pass data.data_dir=DIR."
+            )
 
 
 def _num_examples(builder, spec, ds):
