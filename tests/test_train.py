@@ -180,3 +180,57 @@ def test_evaluate_entrypoint_reproduces_training_metrics(tmp_path):
     assert abs(report["metrics"]["accuracy"] - trained["accuracy"]) < 1e-6
     missing = run_cli("tftransfer.evaluate", f"--workdir={tmp_path / 'none'}")
     assert missing.returncode == 2 and "no model.keras" in missing.stderr
+
+
+def test_short_scratch_run_ships_best_epoch_with_matching_batchnorm_statistics(tmp_path):
+    """train.keep=best + precise BN: the numbers in metrics.json describe model.keras and the export."""
+    import keras
+    import tensorflow as tf
+
+    from tftransfer import bn_stats, experiment, workdir
+    from tftransfer import config as config_lib
+    from tftransfer.data import make_pipeline
+    from tftransfer.export import load_serving_assets
+
+    W = str(tmp_path / "w")
+    result = run_cli("tftransfer.train", f"--config={_config(tmp_path)}", f"--workdir={W}",
+                     "--config.backbone.load_weights=false", "--config.train.epochs=3",
+                     "--config.train.learning_rate=0.01")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "recomputed BatchNorm statistics" in result.stderr
+    metrics = json.load(open(os.path.join(W, "metrics.json")))
+    record = json.load(open(os.path.join(W, "history.json")))
+    assert [e["epoch"] for e in metrics["history"]] == [1, 2, 3] and metrics["epochs"] == 3
+    assert metrics["keep"] == "best" and metrics["selected_epoch"] == record["best_epoch"]
+    assert metrics["bn_stats"]["recomputed"] and metrics["bn_stats"]["batches"] == 3
+
+    cfg = config_lib.load_config(os.path.join(W, "config.yaml"), [])
+    labelled = experiment.load_data(cfg)
+    heads = experiment.resolve_heads(cfg, labelled)
+    assets = load_serving_assets(W)
+    model = workdir.load_model(os.path.join(W, "model.keras"))
+    # The shipped weights are the best epoch's (BatchNorm statistics aside, which were recomputed).
+    best = keras.models.clone_model(model)
+    best.load_weights(os.path.join(W, "checkpoints", "best.weights.h5"))
+    stats = {id(v) for l in bn_stats.batchnorm_layers(model) for v in (l.moving_mean, l.moving_variance)}
+    for v, b in zip(model.weights, best.weights):
+        if id(v) not in stats:
+            np.testing.assert_array_equal(v.numpy(), b.numpy(), err_msg=v.path)
+    # Saved statistics are the recomputed ones: recomputing again changes nothing.
+    saved = bn_stats.snapshot(model)
+    train_batches = make_pipeline(labelled.train, assets.preprocessor, "image", heads, cfg.data.batch_size,
+                                  training=False, cache=False)
+    bn_stats.recompute(model, train_batches)
+    for path, (mean, var) in bn_stats.snapshot(model).items():
+        np.testing.assert_allclose(mean, saved[path][0], rtol=1e-5, atol=1e-6, err_msg=path)
+        np.testing.assert_allclose(var, saved[path][1], rtol=1e-5, atol=1e-6, err_msg=path)
+    # The reported validation accuracy is that of model.keras and of the export.
+    val = make_pipeline(labelled.validation, assets.preprocessor, "image", heads, 64, training=False, cache=False)
+    xs, ys = zip(*[(x.numpy(), y["label"].numpy()) for x, y in val])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    y = y.argmax(-1) if y.ndim == 2 else y
+    keras_acc = float(np.mean(np.asarray(model(x, training=False)["label"]).argmax(-1) == y))
+    serving = tf.saved_model.load(os.path.join(W, "export", "1")).signatures["serve_preprocessed"]
+    export_acc = float(np.mean(serving(image=tf.constant(x))["class_id"].numpy() == y))
+    assert abs(keras_acc - metrics["validation"]["accuracy"]) < 1e-6
+    assert abs(export_acc - metrics["validation"]["accuracy"]) < 1e-6

@@ -10,6 +10,7 @@ work dir is touched.
 
 import dataclasses
 import difflib
+import re
 import typing
 from typing import Any, Optional, Union
 
@@ -210,9 +211,19 @@ class UnfreezeConfig:
     # Null (auto): false for pretrained backbones (keep their statistics, as
     # the Keras transfer-learning guide advises), true for random init.
     train_bn: Optional[bool] = None
+    # Gradual pace: auto (one group per epoch when epochs >= 2 x groups, else
+    # evenly spaced steps over the first half of the run so every group
+    # trains), epoch (ULMFiT: one group per epoch), or N epochs/steps (unit).
+    every: Union[int, str] = "auto"
 
     def validate(self, path):
+        from tftransfer.callbacks import EVERY_CHOICES
+
         _one_of(f"{path}.unit", self.unit, ("epoch", "step"))
+        if isinstance(self.every, str):
+            _one_of(f"{path}.every", self.every, EVERY_CHOICES)
+        elif self.every < 1:
+            raise UserError(f"{path}.every must be auto, epoch or an integer >= 1. Received: {self.every}.")
         if isinstance(self.schedule, str):
             _one_of(f"{path}.schedule", self.schedule, UNFREEZE_PRESETS)
         else:
@@ -248,10 +259,28 @@ class TrainConfig:
     early_stopping_patience: Optional[int] = None
     seed: int = 0
     verbose: int = 2
+    # Which weights ship (model.keras, export, metrics.json): best (the epoch
+    # with the best `monitor`; default, since on small data the last epoch is
+    # often past the best one) or last. Without validation data: last.
+    keep: str = "best"
+    # The value that decides "best" (and early stopping). Null: val_loss, or
+    # loss without validation data.
+    monitor: Optional[str] = None
+    # Precise BatchNorm: recompute moving statistics over training batches
+    # after fit. auto: exactly when BatchNorm statistics changed in training.
+    recompute_bn_stats: Union[bool, str] = "auto"
+    bn_stats_batches: int = 200
 
     def validate(self, path):
+        from tftransfer.epoch_selection import KEEP_CHOICES
+
         if self.epochs < 1:
             raise UserError(f"{path}.epochs must be >= 1. Received: {self.epochs}.")
+        _one_of(f"{path}.keep", self.keep, KEEP_CHOICES)
+        if isinstance(self.recompute_bn_stats, str):
+            _one_of(f"{path}.recompute_bn_stats", self.recompute_bn_stats, ("auto",))
+        if self.bn_stats_batches < 1:
+            raise UserError(f"{path}.bn_stats_batches must be >= 1. Received: {self.bn_stats_batches}.")
         if self.learning_rate <= 0:
             raise UserError(f"{path}.learning_rate must be > 0. Received: {self.learning_rate}.")
         _one_of(f"{path}.optimizer", self.optimizer, OPTIMIZERS)
@@ -447,6 +476,9 @@ def dump_yaml(config):
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _convert(hint, value, where):
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -485,6 +517,10 @@ def _convert(hint, value, where):
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 (PyYAML) reads `2e-5` (no dot) as a string; YAML 1.2 and
+        # every user mean the number.
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
             return float(value)
     elif hint is str:
         if isinstance(value, str):

@@ -149,3 +149,42 @@ def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1):
             eval_batch_size(cfg, replicas), training=False, cache=d.cache, drop_remainder=tpu,
         )
     return train, val
+
+
+def recompute_bn_stats(cfg, model, labelled, loaded, heads, val_ds, changed_layers):
+    """`train.recompute_bn_stats` after fit: precise BatchNorm statistics (see tftransfer.bn_stats).
+
+    auto: on exactly when BatchNorm statistics changed in training
+    (`changed_layers` non-empty). The batches are the training split in a
+    fixed order, unaugmented, at the per-replica training batch size (the
+    size the statistics were computed at), so every worker of a
+    multi-worker run computes the same values.
+
+    Returns:
+        dict for metrics.json: whether it ran, batches, layers, and the
+        validation metrics before (after: the run's final evaluation).
+    """
+    from absl import logging
+
+    from tftransfer import bn_stats
+
+    setting = cfg.train.recompute_bn_stats
+    layers = bn_stats.trainable_batchnorm_layers(model) if setting is True else changed_layers
+    if setting is False or not layers:
+        return {"recomputed": False, "reason": "off" if setting is False else "no BatchNorm statistics changed"}
+    before = model.evaluate(val_ds, return_dict=True, verbose=0) if val_ds is not None else None
+    batches = data_lib.make_pipeline(
+        labelled.train, loaded.preprocessor, loaded.modality, heads, cfg.data.batch_size,
+        training=False, cache=False,
+    )
+    used = bn_stats.recompute(model, batches, layers, num_batches=cfg.train.bn_stats_batches)
+    report = {"recomputed": True, "batches": used, "layers": len(layers)}
+    if before is not None:
+        after = model.evaluate(val_ds, return_dict=True, verbose=0)
+        report["validation_before"] = {k: float(v) for k, v in before.items()}
+        key = next((k for k in ("accuracy", "loss") if k in after), sorted(after)[0])
+        logging.info("recomputed BatchNorm statistics of %d layers over %d batches: validation %s %.4f -> %.4f",
+                     len(layers), used, key, float(before[key]), float(after[key]))
+    else:
+        logging.info("recomputed BatchNorm statistics of %d layers over %d batches", len(layers), used)
+    return report
