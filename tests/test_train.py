@@ -234,3 +234,36 @@ def test_short_scratch_run_ships_best_epoch_with_matching_batchnorm_statistics(t
     export_acc = float(np.mean(serving(image=tf.constant(x))["class_id"].numpy() == y))
     assert abs(keras_acc - metrics["validation"]["accuracy"]) < 1e-6
     assert abs(export_acc - metrics["validation"]["accuracy"]) < 1e-6
+
+
+def test_diverged_training_stops_with_one_line_and_ships_nothing(tmp_path):
+    W = str(tmp_path / "w")
+    result = run_cli("tftransfer.train", f"--config={_config(tmp_path)}", f"--workdir={W}",
+                     "--config.train.optimizer=sgd", "--config.train.learning_rate=1e9")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged: the loss grew to "), last
+    assert "at epoch 1, step 2; lower train.learning_rate" in last
+    for name in ("metrics.json", "model.keras", "export", os.path.join("checkpoints", "best.weights.h5")):
+        assert not os.path.exists(os.path.join(W, name)), name
+
+
+def test_export_refuses_non_finite_weights(tmp_path):
+    import keras
+
+    import tftransfer
+    from tftransfer.errors import UserError
+    from tftransfer.export import export_saved_model
+    from tftransfer.heads import HeadSpec
+
+    from conftest import TINY_RESNET
+
+    loaded = tftransfer.load_backbone(spec=dict(TINY_RESNET), image_size=16)
+    heads = [HeadSpec(num_classes=2)]
+    model = tftransfer.build_model(loaded, heads)
+    kernel = model.get_layer("label").kernel
+    kernel.assign(keras.ops.full(kernel.shape, float("nan")))
+    with pytest.raises(UserError, match=r"export: weight .*label.* is not finite"):
+        export_saved_model(model, loaded.preprocessor, "image", heads, str(tmp_path / "export"))
+    assert not os.path.exists(tmp_path / "export")  # refused before anything is written

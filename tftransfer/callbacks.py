@@ -23,6 +23,7 @@ Keras 3 facts this relies on (verified with Keras 3.15, TF 2.21):
 """
 
 import logging
+import math
 import os
 
 import keras
@@ -501,6 +502,69 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
                             f"freezes groups itself."
                         )
         self.current = None
+
+
+class StopOnDivergence(keras.callbacks.Callback):
+    """Stop `fit` when training diverges, with a one-line `UserError`.
+
+    Diverged means a non-finite loss, or a loss above `max_growth` times the
+    first batch's (scale-free: it holds for a cross-entropy near ln(classes)
+    and for a regression loss of 1e10 alike). Keras' `TerminateOnNaN` only
+    ends `fit` quietly on NaN, so whatever runs next (evaluation, save,
+    export) would ship the diverged weights as a success. Put this callback
+    before `BackupAndRestore` and any checkpointing callback: callbacks run
+    in order, so the backup and the best checkpoint on disk stay those of
+    the last good step.
+
+    The batch-level `loss` Keras reports is the epoch's running mean, which
+    stays non-finite once any step was.
+
+    Args:
+        max_growth: float. Loss growth over the first batch's that counts as
+            divergence. Defaults to 1e4.
+    """
+
+    def __init__(self, max_growth=1e4):
+        super().__init__()
+        self.max_growth = float(max_growth)
+
+    def on_train_begin(self, logs=None):
+        self._first = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        loss = float(loss)
+        if self._first is None and math.isfinite(loss):
+            self._first = max(abs(loss), 1e-12)
+            return
+        grew = self._first is not None and loss > self.max_growth * self._first
+        if math.isfinite(loss) and not grew:
+            return
+        what = f"became {loss}" if not math.isfinite(loss) else (
+            f"grew to {loss:.3g}, over {self.max_growth:g} times the first step's {self._first:.3g}")
+        raise UserError(
+            f"training diverged: the loss {what} at epoch {self._epoch + 1}, step {batch + 1}; "
+            f"lower train.learning_rate, check the labels for NaN/infinite values, or train in "
+            f"float32 (mixed_float16 needs loss scaling). Nothing from the diverged steps was saved."
+        )
+
+
+def check_finite_weights(model, what="the model"):
+    """UserError when a weight of `model` holds NaN or infinity: never save or serve such a model."""
+    import numpy as np
+
+    for variable in model.weights:
+        if not np.all(np.isfinite(keras.ops.convert_to_numpy(variable))):
+            raise UserError(
+                f"{what}: weight {variable.path} is not finite (NaN or infinity): the training "
+                f"diverged. Retrain with a lower train.learning_rate; nothing was saved or exported."
+            )
 
 
 def _strategy_scope(model):

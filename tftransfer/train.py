@@ -88,7 +88,10 @@ def main(argv):
 
     monitor = cfg.train.monitor or ("val_loss" if val_ds is not None else "loss")
     record_path, best_path = os.path.join(W, workdir.HISTORY), os.path.join(W, workdir.BEST_WEIGHTS)
+    from tftransfer.callbacks import StopOnDivergence, check_finite_weights
+
     callbacks = [
+        StopOnDivergence(),  # first: a diverged step never reaches the backup or the checkpoint
         unfreezing,
         keras.callbacks.BackupAndRestore(os.path.join(W, workdir.BACKUP)),
         # BackupAndRestore holds the latest state for resuming; the record keeps
@@ -115,6 +118,7 @@ def main(argv):
     logging.info("%s: shipping epoch %s (train.keep=%s, monitor %s)", cfg.name, selected_epoch, keep, monitor)
     bn_report = experiment.recompute_bn_stats(
         cfg, model, labelled, loaded, heads, val_ds, bn_stats.changed_layers(model, statistics_before_fit))
+    check_finite_weights(model, f"epoch {selected_epoch}")
 
     # 8. Evaluate, save, export; metrics.json last (it marks completion).
     selected = next((e for e in record["epochs"] if e["epoch"] == selected_epoch), {})

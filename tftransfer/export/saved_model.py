@@ -318,6 +318,9 @@ def export_saved_model(model, preprocessor, modality, heads, export_base,
     """
     if modality not in ("image", "text"):
         raise UserError(f"export: modality must be image or text. Received: modality={modality!r}.")
+    from tftransfer.callbacks import check_finite_weights
+
+    check_finite_weights(model, "export")
     bases = [export_base]
     if modality == "text":
         bases.append(token_ids_base(export_base))
