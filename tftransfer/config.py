@@ -10,6 +10,7 @@ work dir is touched.
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from typing import Any, Optional, Union
@@ -51,8 +52,8 @@ class BackboneConfig:
         given = [k for k in ("preset", "spec", "keras_application") if getattr(self, k)]
         if len(given) != 1:
             raise UserError(
-                f"{path}: set exactly one of preset, spec, keras_application "
-                f"(got {given or 'none'})."
+                f"{path}: set exactly one of {path}.preset, {path}.spec, {path}.keras_application "
+                f"(got {', '.join(given) or 'none'})."
             )
         if self.image_size is not None and self.image_size < 8:
             raise UserError(f"{path}.image_size must be >= 8. Received: {self.image_size}.")
@@ -97,6 +98,10 @@ class HeadConfig:
                 f"{path}.name must be a Python identifier (it names the model output). "
                 f"Received: {self.name!r}."
             )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"{path}.label_smoothing must be in [0, 1). Received: {self.label_smoothing}.")
+        if not (math.isfinite(self.loss_weight) and self.loss_weight >= 0):
+            raise UserError(f"{path}.loss_weight must be a finite number >= 0. Received: {self.loss_weight}.")
 
 
 @dataclasses.dataclass
@@ -182,6 +187,10 @@ class DataConfig:
             raise UserError(f"{path}.train_path is required for source {self.source}.")
         if self.batch_size < 1:
             raise UserError(f"{path}.batch_size must be >= 1. Received: {self.batch_size}.")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise UserError(f"{path}.eval_batch_size must be >= 1 (or null). Received: {self.eval_batch_size}.")
+        if self.shuffle_buffer < 1:
+            raise UserError(f"{path}.shuffle_buffer must be >= 1. Received: {self.shuffle_buffer}.")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise UserError(
                 f"{path}.validation_fraction must be in [0, 1). "
@@ -281,8 +290,16 @@ class TrainConfig:
             _one_of(f"{path}.recompute_bn_stats", self.recompute_bn_stats, ("auto",))
         if self.bn_stats_batches < 1:
             raise UserError(f"{path}.bn_stats_batches must be >= 1. Received: {self.bn_stats_batches}.")
-        if self.learning_rate <= 0:
-            raise UserError(f"{path}.learning_rate must be > 0. Received: {self.learning_rate}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise UserError(f"{path}.learning_rate must be a finite number > 0. Received: {self.learning_rate}.")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise UserError(f"{path}.steps_per_epoch must be >= 1 (or null). Received: {self.steps_per_epoch}.")
+        if self.weight_decay < 0:
+            raise UserError(f"{path}.weight_decay must be >= 0. Received: {self.weight_decay}.")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise UserError(
+                f"{path}.early_stopping_patience must be >= 1 (or null). Received: {self.early_stopping_patience}."
+            )
         _one_of(f"{path}.optimizer", self.optimizer, OPTIMIZERS)
         _one_of(f"{path}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
 
@@ -434,7 +451,10 @@ def load_config(path=None, overrides=(), text=None):
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise UserError(f"--config {path or ''}: not valid YAML: {str(e).splitlines()[0]}.")
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UserError(f"--config {path or ''}: not valid YAML{where}: {problem}; fix the file there.")
         if not isinstance(raw, dict):
             raise UserError(f"--config {path or ''}: the top level must be a mapping of keys.")
     for item in overrides:
@@ -461,6 +481,9 @@ def from_dict(cls, raw, path=""):
                 f"{path or 'the top level'}: {', '.join(sorted(fields))}."
             )
         kwargs[key] = _convert(hints[key], value, where)
+    for name in fields:  # sections left out are validated too (backbone is required)
+        if name not in kwargs and dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = from_dict(hints[name], {}, f"{path}.{name}" if path else name)
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         obj.validate(path)
