@@ -165,3 +165,33 @@ def test_pipeline_global_batch_and_one_hot_targets():
     ds = data.make_pipeline(d.train, loaded.preprocessor, "image", heads, global_batch_size=8, training=True)
     x, y = next(iter(ds))
     assert x.shape == (8, 16, 16, 3) and y["label"].shape == (8, 2)
+
+
+@pytest.mark.parametrize("fmt, content, message", [
+    ("jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 1.0}\n{"text": "c", "label": "1"}\n',
+     r"labels in 'label' mix types: int 1 \(row 0\), float 1.0 \(row 1\), str '1' \(row 2\)"),
+    ("jsonl", '{"text": "a", "label": true}\n{"text": "b", "label": 0}\n', "mix types: bool True"),
+    ("csv", "text,label\na,pos\nb,\n", r"example 2: no label in 'label'"),
+    ("jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": null}\n', r"example 2: no label in 'label'"),
+    ("csv", "text,label\na,pos\nb,pos\n", r"every label in 'label' is 'pos'; classification needs at least two"),
+])
+def test_degenerate_labels_are_refused(tmp_path, fmt, content, message):
+    path = tmp_path / f"train.{fmt}"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        data.load_text_file(fmt, str(path))
+
+
+def test_validation_label_never_seen_in_training_and_non_utf8_and_non_finite_targets(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\na,pos\nb,neg\n")
+    (tmp_path / "val.csv").write_text("text,label\nc,pos\nd,maybe\n")
+    with pytest.raises(UserError, match=r"label\(s\) \['maybe'\] never occur in data.train_path"):
+        data.load_text_file("csv", str(tmp_path / "train.csv"), str(tmp_path / "val.csv"))
+    (tmp_path / "latin1.csv").write_bytes("text,label\ngood,pos\ncaf\xe9,neg\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.csv' line 3: not UTF-8 text \(byte 0xe9\); re-save"):
+        data.load_text_file("csv", str(tmp_path / "latin1.csv"))
+    (tmp_path / "bom.csv").write_bytes("text,label\ngood,pos\nbad,neg\n".encode("utf-8-sig"))
+    assert data.load_text_file("csv", str(tmp_path / "bom.csv")).class_names == ["neg", "pos"]
+    (tmp_path / "reg.csv").write_text("text,label\na,1.5\nb,nan\n")
+    with pytest.raises(UserError, match=r"regression label 'nan' is not finite"):
+        data.load_text_file("csv", str(tmp_path / "reg.csv"), label_type="regression")

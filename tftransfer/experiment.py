@@ -80,6 +80,11 @@ def resolve_heads(cfg, labelled):
             num = 1 if h.type == "regression" else None
             if num is None:
                 raise UserError(f"heads.{i}.num_classes: the data does not say; set it.")
+        if h.type == "classification" and num < 2:
+            raise UserError(
+                f"heads.{i}: classification needs at least two classes; the data has "
+                f"{labelled.class_names or num}. Add examples of other classes, or use type regression."
+            )
         specs.append(HeadSpec(
             name=h.name, type=h.type, num_classes=num, pooling=h.pooling, dropout=h.dropout,
             hidden_units=h.hidden_units, label_smoothing=h.label_smoothing,

@@ -13,7 +13,9 @@ classes, empty split) raise `UserError` here, naming the file or value.
 
 import csv
 import dataclasses
+import io
 import json
+import math
 import os
 
 import numpy as np
@@ -216,10 +218,14 @@ def load_text_file(fmt, train_path, validation_path=None, validation_fraction=0.
     if label_type == "regression":
         encode, class_names = _regression_encoder(train_path), None
     else:
+        _check_one_label_type(all_labels, label_key, train_path)
         if not class_names:
             class_names, integer_ids = _infer_class_names(all_labels, label_type)
         encode = _class_encoder(class_names, label_type, label_key)
     labels = [encode(v, i) for i, v in enumerate(raw_labels)]
+    if label_type == "classification":
+        _check_classes(labels, [encode(v, i) for i, v in enumerate(val_rows[1])] if val_rows else [],
+                       class_names, label_key, train_path, validation_path)
     if val_rows:
         val = _text_split(val_rows[0], [encode(v, i) for i, v in enumerate(val_rows[1])])
     elif validation_fraction:
@@ -230,11 +236,51 @@ def load_text_file(fmt, train_path, validation_path=None, validation_fraction=0.
     return LabelledData("text", _text_split(texts, labels), val, class_names, label_type, integer_ids)
 
 
+def _check_one_label_type(labels, label_key, path):
+    """JSONL labels 1, 1.0, true and "1" would become four classes: refuse a mix."""
+    kinds = {}
+    for row, value in enumerate(labels):
+        kinds.setdefault(type(value).__name__, (row, value))
+    if len(kinds) > 1:
+        seen = ", ".join(f"{kind} {value!r} (row {row})" for kind, (row, value) in kinds.items())
+        raise UserError(
+            f"data {path!r}: labels in {label_key!r} mix types: {seen}; write every label "
+            f"the same way (all class names, or all integer ids)."
+        )
+
+
+def _check_classes(train_labels, val_labels, class_names, label_key, train_path, validation_path):
+    """At least two classes in training, and no validation class that training never saw."""
+    seen = set(int(l) for l in train_labels)
+    if len(seen) < 2:
+        raise UserError(
+            f"data.train_path {train_path!r}: every label in {label_key!r} is "
+            f"{class_names[next(iter(seen))]!r}; classification needs at least two classes."
+        )
+    unseen = sorted(set(int(l) for l in val_labels) - seen)
+    if unseen:
+        names = [class_names[i] for i in unseen]
+        raise UserError(
+            f"data.validation_path {validation_path!r}: label(s) {names[:5]} never occur in "
+            f"data.train_path {train_path!r}; add training examples for them or drop them."
+        )
+
+
 def _read_rows(fmt, path, text_key, label_key, where):
     if not os.path.isfile(path):
         raise UserError(f"{where} {path!r}: no such file.")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        content = raw.decode("utf-8-sig")  # a UTF-8 BOM (Excel) is fine
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(
+            f"{where} {path!r} line {line}: not UTF-8 text (byte {raw[e.start]:#04x}); "
+            f"re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+        )
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(content, newline="") as f:
         if fmt == "csv":
             reader = csv.DictReader(f)
             missing = [k for k in (text_key, label_key) if k not in (reader.fieldnames or [])]
@@ -258,6 +304,13 @@ def _read_rows(fmt, path, text_key, label_key, where):
                 rows.append(row)
     if not rows:
         raise UserError(f"{where} {path!r} holds no examples.")
+    for n, r in enumerate(rows, 1):
+        if r[label_key] is None or (isinstance(r[label_key], str) and not r[label_key].strip()):
+            raise UserError(
+                f"{where} {path!r} example {n}: no label in {label_key!r}; label it or remove the row."
+            )
+        if r[text_key] is None:
+            raise UserError(f"{where} {path!r} example {n}: no text in {text_key!r}.")
     return [str(r[text_key]) for r in rows], [r[label_key] for r in rows]
 
 
@@ -311,9 +364,12 @@ def _class_encoder(class_names, label_type, label_key):
 def _regression_encoder(path):
     def encode(value, row):
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise UserError(f"{path!r} row {row}: regression label {value!r} is not a number.")
+        if not math.isfinite(number):
+            raise UserError(f"{path!r} row {row}: regression label {value!r} is not finite; fix or drop the row.")
+        return number
     return encode
 
 
