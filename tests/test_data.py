@@ -134,7 +134,7 @@ def test_tfds_prepared_locally_trains_through_the_cli(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(TINY_DIGITS_YAML.split("data:")[0] + f"""
 data: {{source: tfds, name: tiny_shapes, data_dir: {data_dir}, train_split: train, validation_split: test,
-        batch_size: 12}}
+        batch_size: 12, train_per_class: 5}}
 train: {{epochs: 1, verbose: 0}}
 export: {{saved_model: false}}
 """)
@@ -142,7 +142,13 @@ export: {{saved_model: false}}
     result = run_cli("tftransfer.train", f"--config={config}", f"--workdir={W}")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.load(open(W / "metrics.json"))
-    assert metrics["num_train_examples"] == 36 and metrics["num_validation_examples"] == 12
+    assert metrics["num_train_examples"] == 15 and metrics["num_validation_examples"] == 12  # 5-shot x 3
+    ids = json.load(open(W / "train_ids.json"))
+    assert ids["train_per_class"] == 5 and len(ids["ids"]) == 15
+    tfds = pytest.importorskip("tensorflow_datasets")
+    prepared = tfds.builder("tiny_shapes", data_dir=str(data_dir)).as_dataset(split="train", shuffle_files=False)
+    all_labels = [int(ex["label"]) for ex in prepared.as_numpy_iterator()]
+    assert sorted(all_labels[i] for i in ids["ids"]) == [0] * 5 + [1] * 5 + [2] * 5
     heads = json.load(open(W / "heads.json"))
     assert heads["heads"][0]["class_names"] == ["bright", "dark", "striped"]
 
@@ -206,3 +212,55 @@ def test_validation_label_never_seen_in_training_and_non_utf8_and_non_finite_tar
     (tmp_path / "reg.csv").write_text("text,label\na,1.5\nb,nan\n")
     with pytest.raises(UserError, match=r"regression label 'nan' is not finite"):
         data.load_text_file("csv", str(tmp_path / "reg.csv"), label_type="regression")
+
+
+def _kshot_labels(cfg_text, seed, tmp_path):
+    from tftransfer import config as config_lib
+    from tftransfer import experiment
+
+    cfg = config_lib.load_config(text=cfg_text, overrides=[f"train.seed={seed}"])
+    loaded = experiment.load_data(cfg)
+    labels = [int(y) for _, y in loaded.train.dataset.as_numpy_iterator()]
+    return loaded, labels
+
+
+def test_kshot_on_csv_and_image_folder_through_the_cli_and_by_seed(tmp_path_factory, image_folder):
+    tmp_path = tmp_path_factory.mktemp("kshot")  # image_folder is its own tmp dir: keep it clean
+    rows = "".join(f"{w} {i},{w}\n" for i in range(6) for w in ("good", "bad", "meh"))
+    (tmp_path / "t.csv").write_text("text,label\n" + rows)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "meh"]
+    text_cfg = f"""
+backbone:
+  spec: {{architecture: bert, vocabulary: {vocab}, num_layers: 1, num_heads: 1, hidden_dim: 8,
+         intermediate_dim: 8, max_sequence_length: 8}}
+  sequence_length: 8
+data: {{source: csv, train_path: {tmp_path / 't.csv'}, train_per_class: 2, batch_size: 6}}
+train: {{epochs: 1, verbose: 0}}
+export: {{saved_model: false}}
+"""
+    loaded, labels = _kshot_labels(text_cfg, 0, tmp_path)
+    assert sorted(labels) == [0, 0, 1, 1, 2, 2] and loaded.train.num_examples == 6
+    again, _ = _kshot_labels(text_cfg, 0, tmp_path)
+    other, _ = _kshot_labels(text_cfg, 1, tmp_path)
+    assert again.train_ids == loaded.train_ids and other.train_ids != loaded.train_ids
+    config = tmp_path / "text.yaml"
+    config.write_text(text_cfg)
+    result = run_cli("tftransfer.train", f"--config={config}", f"--workdir={tmp_path / 'wt'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.load(open(tmp_path / "wt" / "train_ids.json"))["ids"] == loaded.train_ids
+    # Image folder (2 classes x 3 images), through the CLI; too few examples is named.
+    image_cfg = TINY_DIGITS_YAML.split("data:")[0] + f"""
+data: {{source: image_folder, train_path: {image_folder}, train_per_class: 2, batch_size: 4}}
+train: {{epochs: 1, verbose: 0}}
+export: {{saved_model: false}}
+"""
+    config = tmp_path / "image.yaml"
+    config.write_text(image_cfg)
+    result = run_cli("tftransfer.train", f"--config={config}", f"--workdir={tmp_path / 'wi'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ids = json.load(open(tmp_path / "wi" / "train_ids.json"))["ids"]
+    assert len(ids) == 4 and sorted(i // 3 for i in ids) == [0, 0, 1, 1]  # files sorted: cat 0-2, dog 3-5
+    with pytest.raises(UserError, match=r"data.train_per_class=4: class 'cat' has only 3 training example"):
+        _kshot_labels(image_cfg.replace("train_per_class: 2", "train_per_class: 4"), 0, tmp_path)
+    with pytest.raises(UserError, match=r"data.digits.train_per_class moved to data.train_per_class"):
+        _kshot_labels("backbone: {preset: x}\ndata: {digits: {train_per_class: 3}}\n", 0, tmp_path)

@@ -109,15 +109,17 @@ class DigitsConfig:
     """The handwritten digits scikit-learn ships (offline, real images)."""
 
     classes: list = dataclasses.field(default_factory=lambda: list(range(10)))
-    # Labelled training examples per class; the rest validate. Null: 80%.
+    # Moved to data.train_per_class (any source); kept only to say so.
     train_per_class: Optional[int] = None
 
     def validate(self, path):
         if not self.classes or any(not isinstance(c, int) or not 0 <= c <= 9 for c in self.classes):
             raise UserError(f"{path}.classes must list digits 0-9. Received: {self.classes}.")
-        if self.train_per_class is not None and self.train_per_class < 1:
+        if self.train_per_class is not None:
+            parent = path.rsplit(".", 1)[0]
             raise UserError(
-                f"{path}.train_per_class must be >= 1. Received: {self.train_per_class}."
+                f"{path}.train_per_class moved to {parent}.train_per_class (k-shot for every source); "
+                f"write data.train_per_class: {self.train_per_class}."
             )
 
 
@@ -168,6 +170,10 @@ class DataConfig:
     input_key: Optional[str] = None
     label_key: str = "label"
     digits: DigitsConfig = dataclasses.field(default_factory=DigitsConfig)
+    # k-shot: exactly this many labelled training examples per class (stratified,
+    # seeded by train.seed; ids written to W/train_ids.json). digits: the other
+    # images validate. Null: all.
+    train_per_class: Optional[int] = None
     # Per replica; the global batch is batch_size x replicas.
     batch_size: int = 32
     # Per replica, for validation/evaluation (no activations kept, so it can
@@ -189,6 +195,8 @@ class DataConfig:
             raise UserError(f"{path}.batch_size must be >= 1. Received: {self.batch_size}.")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise UserError(f"{path}.eval_batch_size must be >= 1 (or null). Received: {self.eval_batch_size}.")
+        if self.train_per_class is not None and self.train_per_class < 1:
+            raise UserError(f"{path}.train_per_class must be >= 1 (or null). Received: {self.train_per_class}.")
         if self.shuffle_buffer < 1:
             raise UserError(f"{path}.shuffle_buffer must be >= 1. Received: {self.shuffle_buffer}.")
         if not 0.0 <= self.validation_fraction < 1.0:

@@ -21,7 +21,7 @@ def load_data(cfg):
     if d.source != "digits" and label_type != "classification" and d.source not in ("csv", "jsonl"):
         raise UserError(f"heads.0.type {label_type}: source {d.source} provides class labels only; use csv or jsonl.")
     if d.source == "digits":
-        loaded = data_lib.load_digits(d.digits.classes, d.digits.train_per_class, seed=cfg.train.seed)
+        loaded = data_lib.load_digits(d.digits.classes, d.train_per_class, seed=cfg.train.seed)
     elif d.source == "image_folder":
         loaded = data_lib.load_image_folder(
             d.train_path, d.validation_path, d.validation_fraction, cfg.train.seed, d.validate_images
@@ -38,6 +38,14 @@ def load_data(cfg):
         )
     if loaded.train.num_examples == 0:
         raise UserError(f"data: the training split of source {d.source} is empty.")
+    if d.train_per_class is not None and d.source != "digits":  # digits splits k / rest itself
+        if label_type != "classification":
+            raise UserError(f"data.train_per_class: k-shot sampling needs a classification head; "
+                            f"heads.0.type is {label_type}.")
+        from tftransfer.data import kshot
+
+        loaded.train, loaded.train_ids = kshot.sample_per_class(
+            loaded.train, d.train_per_class, cfg.train.seed, loaded.class_names)
     if loaded.validation is not None and loaded.validation.num_examples == 0:
         # Never evaluate zero rows (fused kernels can fail on an empty batch).
         raise UserError(

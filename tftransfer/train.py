@@ -78,6 +78,10 @@ def main(argv):
     # 5. The resolved config marks the work dir as ours.
     os.makedirs(W, exist_ok=True)
     workdir.atomic_write_text(os.path.join(W, workdir.CONFIG), config_text)
+    if labelled.train_ids is not None:  # the k-shot draw, to reproduce or audit it
+        workdir.write_json(os.path.join(W, workdir.TRAIN_IDS),
+                           {"train_per_class": cfg.data.train_per_class, "seed": cfg.train.seed,
+                            "ids": labelled.train_ids})
     logging.info("%s: %d train / %s validation examples, %d replica(s), global batch %d%s",
                  cfg.name, labelled.train.num_examples,
                  labelled.validation.num_examples if labelled.validation else 0,

@@ -3,6 +3,7 @@
     W/config.yaml     resolved config (written once inputs validated)
     W/checkpoints/    best.weights.h5 (the best epoch by train.monitor)
     W/history.json    every epoch's logs and the best epoch (resume-safe)
+    W/train_ids.json  k-shot runs: positions of the kept training examples
     W/backup/         keras.callbacks.BackupAndRestore (resume after a kill)
     W/logs/           TensorBoard
     W/model.keras     the trained model (safe_mode loadable)
@@ -34,9 +35,10 @@ BACKBONE_PRESET = "backbone_preset"
 PREPROCESSOR = "preprocessor"
 HEADS = "heads.json"
 HISTORY = "history.json"
+TRAIN_IDS = "train_ids.json"
 BEST_WEIGHTS = os.path.join(CHECKPOINTS, "best.weights.h5")
 RUN_OUTPUTS = (CONFIG, METRICS, BACKUP, CHECKPOINTS, LOGS, EXPORT, MODEL, BACKBONE_PRESET,
-               PREPROCESSOR, HEADS, HISTORY, "export_token_ids", "tflite", "report", "cache")
+               PREPROCESSOR, HEADS, HISTORY, TRAIN_IDS, "export_token_ids", "tflite", "report", "cache")
 
 
 def atomic_write_text(path, text):

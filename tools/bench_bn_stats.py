@@ -34,7 +34,7 @@ def main():
             W = os.path.join(args.workdir, f"k{per_class}_seed{seed}")
             if not os.path.exists(os.path.join(W, "metrics.json")):
                 cmd = [sys.executable, "-m", "tftransfer.train", "--config=configs/quickstart_source.yaml",
-                       f"--workdir={W}", "--overwrite", f"--config.data.digits.train_per_class={per_class}",
+                       f"--workdir={W}", "--overwrite", f"--config.data.train_per_class={per_class}",
                        f"--config.data.batch_size=32", f"--config.train.epochs={args.epochs}",
                        f"--config.train.seed={seed}", "--config.train.keep=last",
                        "--config.train.verbose=0", "--config.export.backbone_preset=false"]

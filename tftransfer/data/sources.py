@@ -44,6 +44,9 @@ class LabelledData:
     # Labels in the data were integer class ids (so classes absent from the
     # data are legitimate), not class names.
     integer_ids: bool = False
+    # k-shot: positions of the kept training examples in the source's
+    # training split (None: all of them). Written to the work dir.
+    train_ids: list = None
 
     @property
     def num_classes(self):
@@ -75,7 +78,7 @@ def load_digits(classes=tuple(range(10)), train_per_class=None, seed=0):
         n = train_per_class if train_per_class is not None else int(0.8 * len(idx))
         if n >= len(idx):
             raise UserError(
-                f"data.digits.train_per_class={n} leaves no validation images for digit "
+                f"data.train_per_class={n} leaves no validation images for digit "
                 f"{digit} ({len(idx)} images); use a smaller value."
             )
         train_idx.extend(idx[:n])
@@ -95,6 +98,7 @@ def load_digits(classes=tuple(range(10)), train_per_class=None, seed=0):
         train=split(train_idx),
         validation=split(val_idx),
         class_names=[str(d) for d in classes],
+        train_ids=sorted(int(i) for i in train_idx) if train_per_class is not None else None,
     )
 
 
