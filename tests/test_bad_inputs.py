@@ -155,6 +155,12 @@ def _train_cases(t):
     a_file = t / "a_file"
     a_file.write_text("not a directory")
     add("workdir_is_a_file", TINY_DIGITS_YAML, ["is a file; pass a directory"], workdir=a_file)
+    add("workdir_parent_is_a_file", TINY_DIGITS_YAML, ["cannot be created", "is a file"],
+        workdir=a_file / "run")
+    read_only = t / "read_only"
+    read_only.mkdir(mode=0o555)
+    if os.geteuid() != 0:  # root writes anywhere: the case cannot happen
+        add("workdir_not_writable", TINY_DIGITS_YAML, ["not writable"], workdir=read_only / "run")
     finished = t / "w_finished"
     finished.mkdir()
     (finished / "metrics.json").write_text("{}")

@@ -37,3 +37,15 @@ def test_clear_removes_every_run_output_and_nothing_else(tmp_path):
     os.makedirs(tmp_path / workdir.CHECKPOINTS)
     workdir.clear(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def test_workdir_must_be_creatable_and_checking_creates_nothing(tmp_path, monkeypatch):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(UserError, match=r"cannot be created: '.*a_file' is a file"):
+        workdir.check_can_start(str(a_file / "run"), "")
+    target = tmp_path / "new" / "run"
+    assert workdir.check_can_start(str(target), "") is False and not (tmp_path / "new").exists()
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as a non-root user would see it
+    with pytest.raises(UserError, match=r"cannot be created in '.*' \(not writable\); pass a writable directory"):
+        workdir.check_can_start(str(target), "")

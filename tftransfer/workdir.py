@@ -117,6 +117,7 @@ def check_can_start(workdir, config_text, overwrite=False):
     """
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir {workdir!r} is a file; pass a directory.")
+    check_creatable(workdir)
     if not os.path.isdir(workdir):
         return False
     if os.path.exists(os.path.join(workdir, METRICS)) and not overwrite:
@@ -134,6 +135,26 @@ def check_can_start(workdir, config_text, overwrite=False):
                     f"re-run with the same config to resume, or pass --overwrite to start over."
                 )
     return resuming
+
+
+def check_creatable(workdir):
+    """UserError unless `workdir` exists writable or could be created, without creating it.
+
+    Called first thing after the config loads, so a bad `--workdir` is found
+    before any data is read or model built, and a failed check leaves the
+    file system as it was.
+    """
+    path = os.path.abspath(workdir)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    if not os.path.isdir(path):
+        raise UserError(f"--workdir {workdir!r} cannot be created: {path!r} is a file; pass another directory.")
+    if not os.access(path, os.W_OK | os.X_OK):
+        what = "is not writable" if os.path.abspath(workdir) == path else f"cannot be created in {path!r} (not writable)"
+        raise UserError(f"--workdir {workdir!r} {what}; pass a writable directory.")
 
 
 def clear(workdir):
