@@ -116,6 +116,11 @@ def _train_cases(t):
         ["backbone is a text model", "gives image"])
     text_csv_case("augment_on_text", "text,label\ngood,a\nbad,b\n", ["data.augment applies to images only"],
                   data_extra=", augment: {flip: horizontal}")
+    path = csv("seq_len", "text,label\ngood,a\nbad,b\n")
+    add("sequence_length_over_positions",
+        _text_backbone().replace("sequence_length: 8", "sequence_length: 64")
+        + f"data: {{source: csv, train_path: {path}}}\n",
+        ["backbone.sequence_length=64 exceeds the backbone's 16 position embeddings"])
     text_csv_case("label_outside_num_classes", "text,label\ngood,0\nbad,1\ngood,4\n",
                   ["label 4 is outside heads.0.num_classes=2"], extra="heads: [{num_classes: 2}]\n")
     text_csv_case("empty_csv", "text,label\n", ["holds no examples"])

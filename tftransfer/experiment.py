@@ -104,10 +104,18 @@ def resolve_heads(cfg, labelled):
 
 def backbone_from_config(cfg):
     b = cfg.backbone
-    return load_backbone(
+    loaded = load_backbone(
         b.preset, spec=b.spec, keras_application=b.keras_application, weights=b.weights,
         load_weights=b.load_weights, image_size=b.image_size, sequence_length=b.sequence_length,
     )
+    limit = getattr(loaded.model, "max_sequence_length", None)
+    if loaded.modality == "text" and limit and b.sequence_length > limit:
+        # Found now, not at the first step (an embedding lookup out of range).
+        raise UserError(
+            f"backbone.sequence_length={b.sequence_length} exceeds the backbone's {limit} position "
+            f"embeddings; set backbone.sequence_length <= {limit}."
+        )
+    return loaded
 
 
 def steps_per_epoch(cfg, num_examples, global_batch):
