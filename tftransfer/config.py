@@ -409,6 +409,27 @@ class DistillConfig:
 
 
 @dataclasses.dataclass
+class PretrainConfig:
+    """Domain-adaptive masked-LM pretraining (`python -m tftransfer.pretrain`).
+
+    corpus: unlabelled text files: `.txt` (a line each), `.csv` / `.jsonl`
+        (column / key `data.input_key`, default `text`).
+    """
+
+    corpus: Union[str, list[str]] = dataclasses.field(default_factory=list)
+    # Fraction of tokens selected for prediction (BERT: 0.15).
+    mask_rate: float = 0.15
+    # Held-out text for the before/after masked-LM loss.
+    validation_fraction: float = 0.1
+
+    def validate(self, path):
+        if not 0.0 < self.mask_rate < 1.0:
+            raise UserError(f"{path}.mask_rate must be in (0, 1). Received: {self.mask_rate}.")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise UserError(f"{path}.validation_fraction must be in [0, 1). Received: {self.validation_fraction}.")
+
+
+@dataclasses.dataclass
 class ExperimentConfig:
     name: str = "experiment"
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
@@ -419,6 +440,8 @@ class ExperimentConfig:
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     # Only `python -m tftransfer.distill` reads it (the student is backbone/heads).
     distill: Optional[DistillConfig] = None
+    # Only `python -m tftransfer.pretrain` reads it.
+    pretrain: Optional[PretrainConfig] = None
 
     def validate(self, path):
         if not self.heads:

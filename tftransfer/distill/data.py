@@ -12,13 +12,15 @@ from tftransfer.errors import UserError
 from tftransfer.losses import UNLABELLED
 
 
-def load_transfer_text(path, text_key="text"):
+def load_transfer_text(path, text_key="text", where=None):
     """Unlabelled text as a `Split` whose labels are all `-1`.
 
     Args:
         path: str. `.txt` (one example per non-empty line), `.csv` (header
             row, column `text_key`) or `.jsonl` (key `text_key`).
         text_key: str. Column / key holding the text. Defaults to `"text"`.
+        where: str. The config key naming the file, for errors. Defaults to
+            `"distill.transfer_path"`.
 
     Returns:
         `tftransfer.data.Split` of `(text, -1)`.
@@ -28,7 +30,7 @@ def load_transfer_text(path, text_key="text"):
     extra = load_transfer_text("data/unlabelled.txt")
     ```
     """
-    where = f"distill.transfer_path {path!r}"
+    where = f"{where or 'distill.transfer_path'} {path!r}"
     if not os.path.isfile(path):
         raise UserError(f"{where}: no such file; pass a .txt, .csv or .jsonl file of unlabelled text.")
     texts = []
