@@ -4,8 +4,6 @@ The only place besides the entrypoints that reads an `ExperimentConfig`;
 each function hands plain keyword arguments to the library.
 """
 
-import math
-
 import keras
 
 from tftransfer import data as data_lib
@@ -91,8 +89,17 @@ def backbone_from_config(cfg):
     )
 
 
-def steps_per_epoch(cfg, num_examples, global_batch):
-    return cfg.train.steps_per_epoch or max(1, math.ceil(num_examples / global_batch))
+def drop_remainder(cfg, num_examples, global_batch, replicas=1):
+    """Training passes drop the final batch for TPU (static shapes) or when
+    it would leave a replica empty (`tftransfer.data.drop_final_batch`)."""
+    static = cfg.distribute.strategy == "tpu"
+    return data_lib.drop_final_batch(num_examples, global_batch, replicas, static)
+
+
+def steps_per_epoch(cfg, num_examples, global_batch, replicas=1):
+    """train.steps_per_epoch, else the batches in one pass over the data."""
+    drop = drop_remainder(cfg, num_examples, global_batch, replicas)
+    return cfg.train.steps_per_epoch or data_lib.batches_per_pass(num_examples, global_batch, drop)
 
 
 def learning_rate(cfg, total_steps):
@@ -116,10 +123,17 @@ def optimizer(cfg, total_steps):
     return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=t.weight_decay or None)
 
 
-def eval_batch_size(cfg, replicas):
-    """Global evaluation batch: data.eval_batch_size, else max(4 x batch, 64), x replicas."""
+def eval_batch_size(cfg, replicas, num_examples=None):
+    """Global evaluation batch: data.eval_batch_size, else max(4 x batch, 64), x replicas;
+    with `num_examples`, lowered so no replica gets an empty final batch."""
     d = cfg.data
-    return (d.eval_batch_size or max(4 * d.batch_size, 64)) * replicas
+    batch = (d.eval_batch_size or max(4 * d.batch_size, 64)) * replicas
+    if num_examples is None:
+        return batch
+    try:
+        return data_lib.eval_batch_size(num_examples, batch, replicas)
+    except ValueError as e:
+        raise UserError(f"data: the evaluation split: {e}; use fewer replicas or more data.")
 
 
 def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1):
@@ -134,12 +148,82 @@ def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1):
     train = data_lib.make_pipeline(
         labelled.train, loaded.preprocessor, loaded.modality, heads, global_batch,
         training=True, shuffle_buffer=d.shuffle_buffer, cache=d.cache, seed=cfg.train.seed,
-        drop_remainder=tpu, augment=augment,
+        drop_remainder=drop_remainder(cfg, labelled.train.num_examples, global_batch, replicas),
+        augment=augment,
     )
     val = None
     if labelled.validation is not None:
+        n = labelled.validation.num_examples
         val = data_lib.make_pipeline(
             labelled.validation, loaded.preprocessor, loaded.modality, heads,
-            eval_batch_size(cfg, replicas), training=False, cache=d.cache, drop_remainder=tpu,
+            eval_batch_size(cfg, replicas, n), training=False, cache=d.cache, drop_remainder=tpu,
         )
     return train, val
+
+
+def check_modality(cfg, loaded, labelled):
+    if loaded.modality != labelled.modality:
+        raise UserError(
+            f"backbone is a {loaded.modality} model but data source {cfg.data.source} "
+            f"gives {labelled.modality}; pick a matching backbone or data."
+        )
+
+
+def transfer_model(cfg, loaded, heads, total_steps, log_dir=None):
+    """The compiled transfer model and its `ProgressiveUnfreezing` callback
+    (call inside the strategy scope)."""
+    from tftransfer.builders import build_model, compile_for_heads
+    from tftransfer.callbacks import ProgressiveUnfreezing
+
+    model = build_model(loaded, heads)
+    unfreeze = cfg.train.unfreeze
+    train_bn = unfreeze.train_bn
+    if train_bn is None:  # Frozen statistics only make sense when pretrained.
+        train_bn = not loaded.description.get("pretrained", True)
+    unfreezing = ProgressiveUnfreezing(
+        loaded.layer_groups, schedule=unfreeze.schedule, unit=unfreeze.unit,
+        train_bn=train_bn, lr_decay=unfreeze.lr_decay,  # None: one learning rate
+        log_dir=log_dir,
+    )
+    compile_for_heads(model, heads, optimizer(cfg, total_steps), jit_compile=cfg.distribute.jit_compile)
+    return model, unfreezing
+
+
+def train_callbacks(cfg, schedule, has_validation):
+    """The entrypoint's schedule callback, plus early stopping when configured."""
+    callbacks = [schedule]
+    if cfg.train.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor="val_loss" if has_validation else "loss",
+            patience=cfg.train.early_stopping_patience, restore_best_weights=True,
+        ))
+    return callbacks
+
+
+def run_summary(cfg, global_batch):
+    """metrics.json fields describing how the run ran."""
+    d = cfg.distribute
+    return {"global_batch_size": global_batch, "strategy": d.strategy, "precision": d.precision,
+            "jit_compile": d.jit_compile}
+
+
+def export(cfg, run, model, loaded, heads, metadata=None):
+    """W/preprocessor/ + W/heads.json (what `python -m tftransfer.export` needs),
+    the backbone preset and the SavedModel version, as the config asks.
+
+    Returns the export description for metrics.json, or None.
+    """
+    from tftransfer import config as config_lib
+    from tftransfer import workdir
+    from tftransfer.export import export_saved_model, save_serving_assets
+
+    save_serving_assets(run.out, loaded, heads)
+    if cfg.export.backbone_preset:
+        from tftransfer.backbones import save_backbone_preset
+
+        save_backbone_preset(loaded, run.path(workdir.BACKBONE_PRESET))
+    if not cfg.export.saved_model:
+        return None
+    metadata = {"backbone": loaded.description, "config": config_lib.to_dict(cfg), **(metadata or {})}
+    return export_saved_model(model, loaded.preprocessor, loaded.modality, heads,
+                              run.path(workdir.EXPORT), metadata=metadata)

@@ -95,6 +95,44 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
     return ds.prefetch(AUTOTUNE)
 
 
+def drop_final_batch(num_examples, global_batch_size, replicas=1, static_shapes=False):
+    """Whether a training pass drops its final partial batch.
+
+    TensorFlow splits a partial global batch evenly over the replicas
+    (`[3, 2]` for 5 rows on 2), so a final batch with fewer rows than
+    replicas leaves a replica an empty batch, which some kernels (oneDNN
+    Conv2D + BatchNorm) cannot run. Such a batch (fewer than `replicas`
+    examples, reshuffled each pass) is dropped; `static_shapes` (TPU, XLA)
+    always drops it.
+    """
+    remainder = num_examples % global_batch_size
+    return static_shapes or 0 < remainder < replicas
+
+
+def batches_per_pass(num_examples, global_batch_size, drop_remainder):
+    """Batches in one pass over `num_examples` (at least 1)."""
+    full, remainder = divmod(num_examples, global_batch_size)
+    return max(1, full + (1 if remainder and not drop_remainder else 0))
+
+
+def eval_batch_size(num_examples, global_batch_size, replicas=1):
+    """The largest global evaluation batch <= `global_batch_size` whose final
+    batch gives every replica at least one row (see `drop_final_batch`), so
+    evaluation sees every example on any number of replicas.
+
+    Raises:
+        ValueError: fewer examples than replicas.
+    """
+    if replicas == 1 or num_examples % global_batch_size == 0:
+        return global_batch_size
+    if num_examples < replicas:
+        raise ValueError(f"{num_examples} example(s) cannot be spread over {replicas} replicas")
+    for batch in range(global_batch_size - global_batch_size % replicas, 0, -replicas):
+        if num_examples % batch == 0 or num_examples % batch >= replicas:
+            return batch
+    return replicas
+
+
 def raw_inputs(split, limit=None):
     """The split's raw inputs (no labels), e.g. for export parity checks."""
     ds = split.dataset.map(lambda x, y: x)
