@@ -139,6 +139,7 @@ class Run:
                 stream.skip(epoch * steps_per_epoch), validation_data=val_ds, initial_epoch=epoch,
                 epochs=self.epochs, steps_per_epoch=steps_per_epoch, callbacks=own,
                 verbose=self.verbose, shuffle=False))
+        average_replica_state(model, self.strategy)
         seconds = time.perf_counter() - started
         history = {}
         for h in histories:
@@ -147,8 +148,15 @@ class Run:
         return FitResult(history, seconds, start_step, self.epochs * steps_per_epoch)
 
     def save_model(self, model):
-        """`model.keras` (every worker saves; the chief's is the work dir's)."""
+        """`model.keras` (every worker saves; the chief's is the work dir's).
+
+        Logs a digest of the weights, the same on every worker of a
+        synchronous run (a quick check that replicas stayed in step).
+        """
         model.save(self.path(workdir.MODEL))
+        logging.info("weights digest %s, trainable %s (%s:%d)", weights_digest(model.weights),
+                     weights_digest(model.trainable_weights), self.cluster.task_type,
+                     self.cluster.task_id)
         return self.path(workdir.MODEL)
 
     def finish(self, metrics):
@@ -192,6 +200,38 @@ class FitResult:
             "seconds_per_epoch": self.seconds / max(self.epochs, 1),
             "resumed_at_step": self.resumed_at_step,
         }
+
+
+def average_replica_state(model, strategy):
+    """Average per-replica non-trainable state (BatchNorm moving statistics)
+    over the replicas, so every worker saves and evaluates the same model.
+
+    Why: Keras 3 creates moving statistics with aggregation "none", so each
+    replica updates its own copy from its own batches (tf.keras averaged
+    them, `VariableAggregation.MEAN`); without this the workers end with
+    identical trainable weights but different moving statistics.
+    """
+    if strategy.num_replicas_in_sync == 1:
+        return
+    variables = [v for v in model.non_trainable_variables
+                 if v.aggregation == "none" and "float" in str(v.dtype)]
+    if not variables:
+        return
+
+    with strategy.scope():
+        local = strategy.run(lambda: [tf.identity(v.value) for v in variables])
+        for v, value in zip(variables, local):
+            v.assign(strategy.reduce("MEAN", value, axis=None))
+
+
+def weights_digest(variables):
+    """sha256 (16 hex digits) over a list of variables' values, in order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for v in variables:
+        digest.update(keras.ops.convert_to_numpy(v).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def make_out_dir(workdir_path, cluster):
