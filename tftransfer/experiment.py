@@ -96,10 +96,11 @@ def drop_remainder(cfg, num_examples, global_batch, replicas=1):
     return data_lib.drop_final_batch(num_examples, global_batch, replicas, static)
 
 
-def steps_per_epoch(cfg, num_examples, global_batch, replicas=1):
-    """train.steps_per_epoch, else the batches in one pass over the data."""
+def steps_per_epoch(cfg, num_examples, global_batch, replicas=1, one_pass=False):
+    """train.steps_per_epoch, else (or with `one_pass`) the batches in one pass over the data."""
     drop = drop_remainder(cfg, num_examples, global_batch, replicas)
-    return cfg.train.steps_per_epoch or data_lib.batches_per_pass(num_examples, global_batch, drop)
+    batches = data_lib.batches_per_pass(num_examples, global_batch, drop)
+    return batches if one_pass else (cfg.train.steps_per_epoch or batches)
 
 
 def learning_rate(cfg, total_steps):
@@ -136,7 +137,8 @@ def eval_batch_size(cfg, replicas, num_examples=None):
         raise UserError(f"data: the evaluation split: {e}; use fewer replicas or more data.")
 
 
-def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1):
+def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1, passes=None):
+    """(train, validation) datasets; `passes`: see `tftransfer.data.make_pipeline`."""
     d = cfg.data
     augment = []
     if d.augment.enabled:
@@ -149,7 +151,7 @@ def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1):
         labelled.train, loaded.preprocessor, loaded.modality, heads, global_batch,
         training=True, shuffle_buffer=d.shuffle_buffer, cache=d.cache, seed=cfg.train.seed,
         drop_remainder=drop_remainder(cfg, labelled.train.num_examples, global_batch, replicas),
-        augment=augment,
+        augment=augment, passes=passes,
     )
     val = None
     if labelled.validation is not None:

@@ -92,18 +92,33 @@ class Run:
                      " (resuming)" if self.resuming else "")
 
     def fit(self, model, train_ds, val_ds, steps_per_epoch, callbacks=(), monitor=None,
-            checkpoint=True):
+            checkpoint=True, train_stream=None, batches_per_pass=None):
         """`model.fit` with backups, checkpoints, TensorBoard and mid-epoch resume.
 
         Args:
             model: compiled keras.Model (a Distiller too).
-            train_ds: one pass of training batches (global batch).
+            train_ds: callable returning a new `tf.data.Dataset` of one pass
+                of training batches (global batch); a dataset is accepted
+                when no mid-epoch resume is needed. Why a callable: a
+                shuffle with `reshuffle_each_iteration` draws each pass's
+                order from a seed generator owned by the dataset object,
+                so the second `fit` of a resume needs a fresh object to
+                replay the orders of an uninterrupted run.
             val_ds: validation batches or None.
             steps_per_epoch: int. Steps per epoch.
             callbacks: the entrypoint's own callbacks (schedules).
             monitor: str. Quantity for the best-weights checkpoint and early
                 stopping. Defaults to val_loss / loss.
             checkpoint: bool. Keep `checkpoints/best.weights.h5`.
+            train_stream: callable `(first_pass, end_pass) -> dataset` of
+                those passes back to back, each shuffled with its own seed
+                (`make_pipeline(passes=...)`), or None. When given it is
+                used instead of `train_ds`: a resumed run then replays
+                exactly the uninterrupted run's batches. (With `train_ds`
+                the orders after a resume depend on how many iterators
+                Keras made; Keras' symbolic build under a strategy makes one
+                more per `fit`.)
+            batches_per_pass: int. Batches in one pass (with `train_stream`).
 
         Returns:
             `FitResult`.
@@ -118,7 +133,15 @@ class Run:
                 os.path.join(self.path(workdir.CHECKPOINTS), "best.weights.h5"),
                 save_weights_only=True, monitor=monitor, save_best_only=True))
         own.append(keras.callbacks.TensorBoard(self.path(workdir.LOGS)))
-        stream = shard_by_data(train_ds).repeat()
+        def stream(skip):
+            if train_stream is not None:  # Passes with their own seeds: exact replay.
+                first = skip // batches_per_pass
+                end = -(-(self.epochs * steps_per_epoch) // batches_per_pass) + 1
+                dataset = train_stream(first, end).skip(skip - first * batches_per_pass)
+                return shard_by_data(dataset)
+            dataset = train_ds() if callable(train_ds) else train_ds
+            return shard_by_data(dataset).repeat().skip(skip)
+
         val_ds = None if val_ds is None else shard_by_data(val_ds)
         start_step = backup.restore_point()
         epoch, offset = divmod(start_step, steps_per_epoch)
@@ -130,13 +153,13 @@ class Run:
         if offset and epoch < self.epochs:  # First finish the interrupted epoch.
             shifted = [_Shifted(cb, epoch, offset, steps_per_epoch) for cb in own]
             histories.append(model.fit(
-                stream.skip(start_step), validation_data=val_ds, initial_epoch=epoch,
+                stream(start_step), validation_data=val_ds, initial_epoch=epoch,
                 epochs=epoch + 1, steps_per_epoch=steps_per_epoch - offset,
                 callbacks=shifted, verbose=self.verbose, shuffle=False))
             epoch += 1
         if epoch < self.epochs and not model.stop_training:
             histories.append(model.fit(
-                stream.skip(epoch * steps_per_epoch), validation_data=val_ds, initial_epoch=epoch,
+                stream(epoch * steps_per_epoch), validation_data=val_ds, initial_epoch=epoch,
                 epochs=self.epochs, steps_per_epoch=steps_per_epoch, callbacks=own,
                 verbose=self.verbose, shuffle=False))
         average_replica_state(model, self.strategy)

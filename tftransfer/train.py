@@ -44,7 +44,10 @@ def main(argv):
         experiment.check_modality(cfg, loaded, labelled)
         model, unfreezing = experiment.transfer_model(
             cfg, loaded, heads, steps * cfg.train.epochs, log_dir=run.path(workdir.LOGS))
-    train_ds, val_ds = experiment.pipelines(cfg, labelled, loaded, heads, global_batch, run.replicas)
+    def pipelines(passes=None):
+        return experiment.pipelines(cfg, labelled, loaded, heads, global_batch, run.replicas, passes)
+
+    val_ds = pipelines()[1]
 
     # 5. The resolved config marks the work dir as ours (chief).
     run.begin(f"{cfg.name}: {labelled.train.num_examples} train / "
@@ -52,8 +55,11 @@ def main(argv):
               f"examples, global batch {global_batch}, {steps} steps per epoch")
 
     # 6. Fit (resumes from W/backup/ after a kill).
-    result = run.fit(model, train_ds, val_ds, steps,
-                     experiment.train_callbacks(cfg, unfreezing, val_ds is not None))
+    result = run.fit(model, None, val_ds, steps,
+                     experiment.train_callbacks(cfg, unfreezing, val_ds is not None),
+                     train_stream=lambda first, end: pipelines((first, end))[0],
+                     batches_per_pass=experiment.steps_per_epoch(
+                         cfg, labelled.train.num_examples, global_batch, run.replicas, one_pass=True))
     # (After fit, before evaluate / save / export.)
 
     # 7. Evaluate, save, export; metrics.json last (it marks completion).

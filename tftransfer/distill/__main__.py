@@ -76,14 +76,14 @@ def main(argv):
     # 6. Pipelines; with a cache the teacher runs once per split, here.
     eval_split = labelled.validation or labelled.train
     eval_batch = experiment.eval_batch_size(cfg, run.replicas, eval_split.num_examples)
-    train_ds, val_ds, cache_info = _pipelines(
+    make_train_ds, val_ds, cache_info = _pipelines(
         cfg, run, labelled, train_split, loaded, heads, distiller, global_batch, eval_batch)
 
     # 7. Fit (resumes from W/backup/ after a kill).
     schedule = DistillationSchedule(
         alpha=dcfg.alpha, temperature=dcfg.temperature, alpha_end=dcfg.alpha_end,
         temperature_end=dcfg.temperature_end, schedule=dcfg.schedule, unit=dcfg.schedule_unit)
-    result = run.fit(distiller, train_ds, val_ds, steps,
+    result = run.fit(distiller, make_train_ds, val_ds, steps,
                      experiment.train_callbacks(cfg, schedule, val_ds is not None), checkpoint=False)
     # (After fit, before evaluate / save / export.)
 
@@ -194,7 +194,8 @@ def _distiller(cfg, teacher, student, heads, total_steps):
 
 
 def _pipelines(cfg, run, labelled, train_split, loaded, heads, distiller, global_batch, eval_batch):
-    """(train_ds, val_ds, cache_info): teacher outputs cached per `distill.cache`."""
+    """(make_train_ds, val_ds, cache_info): teacher outputs cached per `distill.cache`;
+    `make_train_ds()` builds a new training dataset (see `Run.fit`)."""
     from tftransfer import config as config_lib
     from tftransfer import experiment
     from tftransfer.distill import cache as cache_lib
@@ -203,17 +204,24 @@ def _pipelines(cfg, run, labelled, train_split, loaded, heads, distiller, global
     cache_info = {"mode": dcfg.cache}
     if dcfg.cache == "none":
         # The teacher runs on every (possibly augmented) training batch.
-        train_ds, val_ds = experiment.pipelines(
-            cfg, dataclasses.replace(labelled, train=train_split), loaded, heads, global_batch,
-            run.replicas,
-        )
-        return train_ds, val_ds, cache_info
+        def make(data=dataclasses.replace(labelled, train=train_split)):
+            return experiment.pipelines(cfg, data, loaded, heads, global_batch, run.replicas)
+
+        return lambda: make()[0], make()[1], cache_info
     raw = config_lib.to_dict(cfg)
     key = cache_lib.fingerprint(
         dcfg.teacher, data=raw["data"], transfer=dcfg.transfer_path, backbone=raw["backbone"],
         hints=[dcfg.feature_loss_weight > 0, dcfg.teacher_feature_layer],
     )
     cached = {}
+
+    def pipeline(name, split, outputs, batch, drop):
+        return cache_lib.cached_pipeline(
+            split, outputs, loaded.preprocessor, loaded.modality, heads, batch, training=name == "train",
+            shuffle_buffer=cfg.data.shuffle_buffer, cache=cfg.data.cache, seed=cfg.train.seed,
+            drop_remainder=drop,
+        )
+
     for name, split in {"train": train_split, "validation": labelled.validation}.items():
         if split is None:
             continue
@@ -227,12 +235,9 @@ def _pipelines(cfg, run, labelled, train_split, loaded, heads, distiller, global
             cfg, run.replicas, split.num_examples)
         drop = experiment.drop_remainder(cfg, split.num_examples, global_batch, run.replicas) \
             if training else cfg.distribute.strategy == "tpu"
-        cached[name] = cache_lib.cached_pipeline(
-            split, outputs, loaded.preprocessor, loaded.modality, heads, batch, training=training,
-            shuffle_buffer=cfg.data.shuffle_buffer, cache=cfg.data.cache, seed=cfg.train.seed,
-            drop_remainder=drop,
-        )
-    return cached["train"], cached.get("validation"), cache_info
+        cached[name] = (name, split, outputs, batch, drop)
+    validation = cached.get("validation")
+    return (lambda: pipeline(*cached["train"]), validation and pipeline(*validation), cache_info)
 
 
 def _summarise_init(init_report):
