@@ -101,3 +101,57 @@ def test_eval_batch_gives_every_replica_a_row_in_the_final_batch(n, batch, repli
 def test_eval_batch_of_fewer_examples_than_replicas_is_refused():
     with pytest.raises(ValueError, match="cannot be spread"):
         data_lib.eval_batch_size(1, 64, 2)
+
+
+TEXT_YAML = """
+name: tiny_text
+backbone:
+  spec: {architecture: bert, vocabulary: ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film"],
+         num_layers: 1, num_heads: 2, hidden_dim: 16, intermediate_dim: 16, max_sequence_length: 16}
+  sequence_length: 8
+data: {source: csv, train_path: TRAIN, batch_size: 8}
+train: {epochs: 1, steps_per_epoch: 2, verbose: 0}
+"""
+
+
+# (precision, jit_compile): the float32 eager default runs in every other CLI test;
+# mixed_float16 / mixed_bfloat16 with XLA were also run by hand (README).
+@pytest.mark.parametrize("precision, jit", [("float32", True), ("mixed_float16", True),
+                                            ("mixed_bfloat16", False)])
+def test_precision_and_xla_train_image_and_text_through_the_cli(tmp_path, precision, jit):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from conftest import REPO
+
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "".join(f"{'good film' if i % 2 else 'bad film'},{i % 2}\n" for i in range(24)))
+    configs = {"image": TINY_DIGITS_YAML.replace("train: {epochs: 2,", "train: {epochs: 1, steps_per_epoch: 2,"),
+               "text": TEXT_YAML.replace("TRAIN", str(train))}
+    export = precision != "float32"
+    procs = {}
+    for name, text in configs.items():
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(text)
+        args = [sys.executable, "-m", "tftransfer.train", f"--config={config}", f"--workdir={tmp_path / name}",
+                f"--config.distribute.precision={precision}", f"--config.distribute.jit_compile={str(jit).lower()}",
+                f"--config.export.saved_model={str(export).lower()}"]
+        procs[name] = subprocess.Popen(args, cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for name, proc in procs.items():
+        err = proc.communicate(timeout=600)[1]
+        assert proc.returncode == 0, err[-3000:]
+        metrics = json.load(open(tmp_path / name / "metrics.json"))
+        assert (metrics["precision"], metrics["jit_compile"]) == (precision, jit)
+        assert np.isfinite(metrics["train"]["loss"]), metrics["train"]
+    if export:
+        import tensorflow as tf
+
+        served = tf.saved_model.load(str(tmp_path / "image" / "export" / "1"))
+        fn = served.signatures["serve_preprocessed"]
+        out = fn(**{k: tf.zeros([3, *v.shape[1:]], v.dtype) for k, v in fn.structured_input_signature[1].items()})
+        probabilities = out["probabilities"] if "probabilities" in out else out["label_probabilities"]
+        assert probabilities.dtype == tf.float32
+        np.testing.assert_allclose(probabilities.numpy().sum(-1), 1.0, atol=1e-5)
