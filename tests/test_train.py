@@ -48,11 +48,12 @@ def test_killed_run_resumes_from_backup(tmp_path):
             f"--workdir={W}", "--config.train.epochs=8"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    backup = os.path.join(W, "backup")
+    # The backup is committed when its state.json appears (written last, atomically).
+    state = os.path.join(W, "backup", "state.json")
     deadline = time.time() + 300
-    while time.time() < deadline and not (os.path.isdir(backup) and os.listdir(backup)):
+    while time.time() < deadline and not os.path.exists(state) and proc.poll() is None:
         time.sleep(0.05)
-    time.sleep(0.5)  # let the first backup finish writing
+    assert os.path.exists(state), "no backup was written before the run ended"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(os.path.join(W, "metrics.json"))
@@ -60,7 +61,9 @@ def test_killed_run_resumes_from_backup(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(resuming)" in result.stderr
     metrics = json.load(open(os.path.join(W, "metrics.json")))
-    assert metrics["epochs"] < 8  # only the epochs left after the backup ran
+    assert metrics["resumed_at_step"] > 0  # the second process continued, it did not start over
+    # The record spans both processes: every epoch once, numbered 1..8.
+    assert metrics["epochs"] == 8 and [e["epoch"] for e in metrics["history"]] == list(range(1, 9))
 
 
 def test_helpfull_lists_flags():

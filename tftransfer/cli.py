@@ -12,10 +12,10 @@ import sys
 
 from absl import app, flags
 
+from tftransfer.distribute import STRATEGIES
 from tftransfer.errors import UserError
 
 OVERRIDE_PREFIX = "--config."
-STRATEGIES = ["auto", "one_device", "mirrored", "multi_worker", "tpu"]
 FLAGS = flags.FLAGS
 _overrides = []
 
@@ -28,7 +28,7 @@ def define_run_flags(config_help, workdir_help):
     """
     flags.DEFINE_string("config", None, config_help)
     flags.DEFINE_string("workdir", None, workdir_help)
-    flags.DEFINE_enum("strategy", None, STRATEGIES, "tf.distribute strategy; overrides distribute.strategy.")
+    flags.DEFINE_enum("strategy", None, list(STRATEGIES), "tf.distribute strategy; overrides distribute.strategy.")
     flags.DEFINE_bool("overwrite", False, "Start over in a work dir that holds a finished or unfinished run.")
     flags.mark_flags_as_required(["workdir"])
 
@@ -44,31 +44,42 @@ def load_run_config():
 
 
 def start_run(cfg):
-    """Claim `--workdir` for `cfg` and set up seed, precision and strategy.
+    """Build the strategy first, then claim `--workdir` for `cfg`; a `run_loop.Run`.
 
-    Refuses a finished run or a resume with a different config (see
-    `tftransfer.workdir.check_can_start`); `--overwrite` clears the old run.
-
-    Returns:
-        (config_text, resuming, strategy): the resolved YAML to write once
-        inputs are validated, whether a backup will be resumed, and the
-        `tf.distribute.Strategy`.
+    The strategy comes before anything else touches TensorFlow's devices (a
+    multi-worker strategy fails otherwise); a malformed `TF_CONFIG` is a
+    `UserError` raised here, before anything is written. Then: refuse a
+    finished run or a resume with a different config (see
+    `tftransfer.workdir.check_can_start`; `--overwrite` clears the old run,
+    on the chief), seed, op determinism, precision.
     """
     import os
 
     import keras
 
     from tftransfer import config as config_lib
-    from tftransfer import distribute, workdir
+    from tftransfer import distribute, run_loop, workdir
 
+    d = cfg.distribute
+    if d.logical_cpus:
+        distribute.split_logical_cpus(d.logical_cpus)
+    strategy, cluster = distribute.get_strategy(d.strategy, d.tpu)
     config_text = config_lib.dump_yaml(cfg)
     resuming = workdir.check_can_start(FLAGS.workdir, config_text, overwrite=FLAGS.overwrite)
-    if FLAGS.overwrite and os.path.isdir(FLAGS.workdir):
+    if FLAGS.overwrite and cluster.is_chief and os.path.isdir(FLAGS.workdir):
         workdir.clear(FLAGS.workdir)
     keras.utils.set_random_seed(cfg.train.seed)
-    distribute.set_precision(cfg.distribute.precision)
-    strategy = distribute.get_strategy(cfg.distribute.strategy, cfg.distribute.tpu)
-    return config_text, resuming, strategy
+    if cfg.train.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    distribute.set_precision(d.precision)
+    return run_loop.Run(
+        workdir=FLAGS.workdir, out=run_loop.make_out_dir(FLAGS.workdir, cluster), strategy=strategy,
+        cluster=cluster, config_text=config_text, resuming=resuming,
+        backup_every_steps=cfg.train.backup_every_steps, epochs=cfg.train.epochs,
+        verbose=cfg.train.verbose,
+    )
 
 
 def config_overrides():

@@ -274,7 +274,15 @@ class TrainConfig:
     unfreeze: UnfreezeConfig = dataclasses.field(default_factory=UnfreezeConfig)
     # Stop when the validation loss has not improved for this many epochs.
     early_stopping_patience: Optional[int] = None
+    # Back up weights + optimizer state every N steps (and at every epoch
+    # end) so a killed run resumes mid-epoch; 0: epoch ends only. 500 steps
+    # lose minutes at most on an accelerator, for one weights+optimizer
+    # write per 500 steps (well under 1% of a ResNet-50 or BERT-base run).
+    backup_every_steps: int = 500
     seed: int = 0
+    # tf.config.experimental.enable_op_determinism (bitwise-repeatable
+    # runs and resumes, somewhat slower).
+    deterministic: bool = False
     verbose: int = 2
     # Which weights ship (model.keras, export, metrics.json): best (the epoch
     # with the best `monitor`; default, since on small data the last epoch is
@@ -310,10 +318,12 @@ class TrainConfig:
             )
         _one_of(f"{path}.optimizer", self.optimizer, OPTIMIZERS)
         _one_of(f"{path}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.backup_every_steps < 0:
+            raise UserError(f"{path}.backup_every_steps must be >= 0 (0: epoch ends only). "
+                            f"Received: {self.backup_every_steps}.")
 
 
-STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+from tftransfer.distribute import PRECISIONS, STRATEGIES  # noqa: E402  (owned there)
 
 
 @dataclasses.dataclass
@@ -323,10 +333,15 @@ class DistributeConfig:
     jit_compile: bool = False
     # TPU name/address for strategy tpu (empty: the local TPU).
     tpu: str = ""
+    # Split the CPU into this many logical devices (mirrored on a CPU-only
+    # machine, e.g. to test multi-replica runs); 0: as the machine has.
+    logical_cpus: int = 0
 
     def validate(self, path):
         _one_of(f"{path}.strategy", self.strategy, STRATEGIES)
         _one_of(f"{path}.precision", self.precision, PRECISIONS)
+        if self.logical_cpus < 0:
+            raise UserError(f"{path}.logical_cpus must be >= 0. Received: {self.logical_cpus}.")
 
 
 @dataclasses.dataclass

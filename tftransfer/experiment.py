@@ -4,8 +4,6 @@ The only place besides the entrypoints that reads an `ExperimentConfig`;
 each function hands plain keyword arguments to the library.
 """
 
-import math
-
 import keras
 
 from tftransfer import data as data_lib
@@ -118,8 +116,18 @@ def backbone_from_config(cfg):
     return loaded
 
 
-def steps_per_epoch(cfg, num_examples, global_batch):
-    return cfg.train.steps_per_epoch or max(1, math.ceil(num_examples / global_batch))
+def drop_remainder(cfg, num_examples, global_batch, replicas=1):
+    """Training passes drop the final batch for TPU (static shapes) or when
+    it would leave a replica empty (`tftransfer.data.drop_final_batch`)."""
+    static = cfg.distribute.strategy == "tpu"
+    return data_lib.drop_final_batch(num_examples, global_batch, replicas, static)
+
+
+def steps_per_epoch(cfg, num_examples, global_batch, replicas=1, one_pass=False):
+    """train.steps_per_epoch, else (or with `one_pass`) the batches in one pass over the data."""
+    drop = drop_remainder(cfg, num_examples, global_batch, replicas)
+    batches = data_lib.batches_per_pass(num_examples, global_batch, drop)
+    return batches if one_pass else (cfg.train.steps_per_epoch or batches)
 
 
 def learning_rate(cfg, total_steps):
@@ -143,13 +151,21 @@ def optimizer(cfg, total_steps):
     return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=t.weight_decay or None)
 
 
-def eval_batch_size(cfg, replicas):
-    """Global evaluation batch: data.eval_batch_size, else max(4 x batch, 64), x replicas."""
+def eval_batch_size(cfg, replicas, num_examples=None):
+    """Global evaluation batch: data.eval_batch_size, else max(4 x batch, 64), x replicas;
+    with `num_examples`, lowered so no replica gets an empty final batch."""
     d = cfg.data
-    return (d.eval_batch_size or max(4 * d.batch_size, 64)) * replicas
+    batch = (d.eval_batch_size or max(4 * d.batch_size, 64)) * replicas
+    if num_examples is None:
+        return batch
+    try:
+        return data_lib.eval_batch_size(num_examples, batch, replicas)
+    except ValueError as e:
+        raise UserError(f"data: the evaluation split: {e}; use fewer replicas or more data.")
 
 
-def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1):
+def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1, passes=None):
+    """(train, validation) datasets; `passes`: see `tftransfer.data.make_pipeline`."""
     d = cfg.data
     augment = []
     if d.augment.enabled:
@@ -161,18 +177,20 @@ def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1):
     train = data_lib.make_pipeline(
         labelled.train, loaded.preprocessor, loaded.modality, heads, global_batch,
         training=True, shuffle_buffer=d.shuffle_buffer, cache=d.cache, seed=cfg.train.seed,
-        drop_remainder=tpu, augment=augment,
+        drop_remainder=drop_remainder(cfg, labelled.train.num_examples, global_batch, replicas),
+        augment=augment, passes=passes,
     )
     val = None
     if labelled.validation is not None:
+        n = labelled.validation.num_examples
         val = data_lib.make_pipeline(
             labelled.validation, loaded.preprocessor, loaded.modality, heads,
-            eval_batch_size(cfg, replicas), training=False, cache=d.cache, drop_remainder=tpu,
+            eval_batch_size(cfg, replicas, n), training=False, cache=d.cache, drop_remainder=tpu,
         )
     return train, val
 
 
-def recompute_bn_stats(cfg, model, labelled, loaded, heads, val_ds, changed_layers):
+def recompute_bn_stats(cfg, model, train_split, preprocessor, modality, heads, val_ds, changed_layers):
     """`train.recompute_bn_stats` after fit: precise BatchNorm statistics (see tftransfer.bn_stats).
 
     auto: on exactly when BatchNorm statistics changed in training
@@ -195,8 +213,7 @@ def recompute_bn_stats(cfg, model, labelled, loaded, heads, val_ds, changed_laye
         return {"recomputed": False, "reason": "off" if setting is False else "no BatchNorm statistics changed"}
     before = model.evaluate(val_ds, return_dict=True, verbose=0) if val_ds is not None else None
     batches = data_lib.make_pipeline(
-        labelled.train, loaded.preprocessor, loaded.modality, heads, cfg.data.batch_size,
-        training=False, cache=False,
+        train_split, preprocessor, modality, heads, cfg.data.batch_size, training=False, cache=False,
     )
     used = bn_stats.recompute(model, batches, layers, num_batches=cfg.train.bn_stats_batches)
     report = {"recomputed": True, "batches": used, "layers": len(layers)}
@@ -209,3 +226,125 @@ def recompute_bn_stats(cfg, model, labelled, loaded, heads, val_ds, changed_laye
     else:
         logging.info("recomputed BatchNorm statistics of %d layers over %d batches", len(layers), used)
     return report
+def check_modality(cfg, loaded, labelled):
+    if loaded.modality != labelled.modality:
+        raise UserError(
+            f"backbone is a {loaded.modality} model but data source {cfg.data.source} "
+            f"gives {labelled.modality}; pick a matching backbone or data."
+        )
+
+
+def transfer_model(cfg, loaded, heads, total_steps, log_dir=None):
+    """The compiled transfer model and its `ProgressiveUnfreezing` callback
+    (call inside the strategy scope)."""
+    from tftransfer.builders import build_model, compile_for_heads
+    from tftransfer.callbacks import ProgressiveUnfreezing
+
+    model = build_model(loaded, heads)
+    unfreeze = cfg.train.unfreeze
+    train_bn = unfreeze.train_bn
+    if train_bn is None:  # Frozen statistics only make sense when pretrained.
+        train_bn = not loaded.description.get("pretrained", True)
+    unfreezing = ProgressiveUnfreezing(
+        loaded.layer_groups, schedule=unfreeze.schedule, unit=unfreeze.unit,
+        train_bn=train_bn, lr_decay=unfreeze.lr_decay,  # None: one learning rate
+        log_dir=log_dir, every=unfreeze.every,
+    )
+    compile_for_heads(model, heads, optimizer(cfg, total_steps), jit_compile=cfg.distribute.jit_compile)
+    return model, unfreezing
+
+
+def monitor(cfg, has_validation):
+    """The value that decides the best epoch and early stopping (`train.monitor`)."""
+    return cfg.train.monitor or ("val_loss" if has_validation else "loss")
+
+
+def train_callbacks(cfg, schedule, has_validation):
+    """The entrypoint's schedule callback, plus early stopping when configured.
+
+    Early stopping only stops: which weights ship is `train.keep`'s decision
+    (`finish_training`), for stopped and completed runs alike.
+    """
+    callbacks = [schedule]
+    if cfg.train.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor=monitor(cfg, has_validation), patience=cfg.train.early_stopping_patience))
+    return callbacks
+
+
+def finish_training(cfg, run, model, statistics_before_fit, train_split, preprocessor, modality,
+                    heads, val_ds):
+    """After fit, before evaluate / save / export: the weights that ship.
+
+    1. `train.keep`: the best epoch's weights (by `train.monitor`) or the
+       last; without validation data (and no explicit monitor) the last.
+    2. `train.recompute_bn_stats`: BatchNorm statistics that match them.
+    3. Non-finite weights stop the run (nothing is saved or exported).
+
+    Returns:
+        dict of metrics.json fields: `train` (the selected epoch's training
+        logs), `epochs` (all epochs of the run, across resumes),
+        `selected_epoch`, `keep`, `monitor`, `history`, `bn_stats`.
+    """
+    from absl import logging
+
+    from tftransfer import bn_stats, epoch_selection, workdir
+    from tftransfer.callbacks import check_finite_weights
+
+    has_val = val_ds is not None
+    keep = cfg.train.keep if (has_val or cfg.train.monitor) else "last"
+    watched = monitor(cfg, has_val)
+    selected_epoch, record = epoch_selection.select(
+        model, keep, run.path(workdir.HISTORY), run.path(workdir.BEST_WEIGHTS))
+    logging.info("%s: shipping epoch %s (train.keep=%s, monitor %s)", cfg.name, selected_epoch, keep, watched)
+    bn_report = recompute_bn_stats(cfg, model, train_split, preprocessor, modality, heads, val_ds,
+                                   bn_stats.changed_layers(model, statistics_before_fit))
+    check_finite_weights(model, f"epoch {selected_epoch}")
+    selected = next((e for e in record["epochs"] if e["epoch"] == selected_epoch), {})
+    return {
+        "train": {k: v for k, v in selected.items() if k != "epoch" and not k.startswith("val_")},
+        "epochs": len(record["epochs"]),
+        "selected_epoch": selected_epoch,
+        "keep": keep,
+        "monitor": watched,
+        "history": record["epochs"],
+        "bn_stats": bn_report,
+    }
+
+
+def write_train_ids(cfg, run, labelled):
+    """W/train_ids.json for a k-shot run: the kept training examples, to reproduce or audit the draw."""
+    from tftransfer import workdir
+
+    if labelled.train_ids is not None:
+        workdir.write_json(run.path(workdir.TRAIN_IDS), {
+            "train_per_class": cfg.data.train_per_class, "seed": cfg.train.seed, "ids": labelled.train_ids})
+
+
+def run_summary(cfg, global_batch):
+    """metrics.json fields describing how the run ran."""
+    d = cfg.distribute
+    return {"global_batch_size": global_batch, "strategy": d.strategy, "precision": d.precision,
+            "jit_compile": d.jit_compile}
+
+
+def export(cfg, run, model, loaded, heads, metadata=None):
+    """W/preprocessor/ + W/heads.json (what `python -m tftransfer.export` needs),
+    the backbone preset and the SavedModel version, as the config asks.
+
+    Returns the export description for metrics.json, or None.
+    """
+    from tftransfer import config as config_lib
+    from tftransfer import workdir
+    from tftransfer.export import export_saved_model, save_serving_assets
+
+    save_serving_assets(run.out, loaded, heads)
+    if cfg.export.backbone_preset:
+        from tftransfer.backbones import save_backbone_preset
+
+        save_backbone_preset(loaded, run.path(workdir.BACKBONE_PRESET))
+    if not cfg.export.saved_model:
+        return None
+    metadata = {"backbone": loaded.description, "config": config_lib.to_dict(cfg), **(metadata or {})}
+    return export_saved_model(model, loaded.preprocessor, loaded.modality, heads,
+                              run.path(workdir.EXPORT), metadata=metadata)

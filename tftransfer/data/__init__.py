@@ -1,6 +1,12 @@
 """Data: sources (digits, TFDS, image folders, CSV/JSONL) and tf.data pipelines."""
 
-from tftransfer.data.pipeline import augmentation_layers, make_pipeline
+from tftransfer.data.pipeline import (
+    augmentation_layers,
+    batches_per_pass,
+    drop_final_batch,
+    eval_batch_size,
+    make_pipeline,
+)
 from tftransfer.data.sources import (
     LabelledData,
     Split,

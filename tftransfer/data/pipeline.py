@@ -34,7 +34,7 @@ def augmentation_layers(flip=None, translate=0.0, rotate=0.0, zoom=0.0, seed=0):
 
 def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
                   training=False, shuffle_buffer=2048, cache=True, seed=0,
-                  drop_remainder=False, augment=()):
+                  drop_remainder=False, augment=(), passes=None):
     """Batched `(model_input, {head_name: label})` for `model.fit`.
 
     Args:
@@ -52,8 +52,28 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
         augment: list of Keras random layers applied to each training image
             batch after the cache (see `augmentation_layers`), so every epoch
             sees new variants. Images only.
+        passes: `(first, end)` or None. Training only: the passes
+            `first..end-1` over the data back to back, pass `p` shuffled with
+            its own seed (derived from `seed` and `p`), so a run resumed at
+            pass `p` replays exactly the order an uninterrupted run saw
+            (a reshuffling `shuffle` draws each pass's order from the number
+            of iterators made so far, which Keras' `fit` varies). None: one
+            pass, reshuffled at each iteration.
     """
     ds = split.dataset
+    buffer = min(shuffle_buffer, max(split.num_examples, 1))
+
+    def shuffle_and_batch(ds):
+        if not training:
+            return ds.batch(global_batch_size, drop_remainder=drop_remainder)
+        if passes is None:
+            ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+            return ds.batch(global_batch_size, drop_remainder=drop_remainder)
+        return _concatenate([
+            ds.shuffle(buffer, seed=seed * 1000003 + p, reshuffle_each_iteration=False)
+            .batch(global_batch_size, drop_remainder=drop_remainder)
+            for p in range(*passes)
+        ])
 
     def to_targets(y):
         return {
@@ -64,10 +84,7 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
         ds = ds.map(lambda x, y: (preprocessor(x), y), num_parallel_calls=AUTOTUNE)
         if cache:
             ds = ds.cache()
-        if training:
-            ds = ds.shuffle(min(shuffle_buffer, max(split.num_examples, 1)), seed=seed,
-                            reshuffle_each_iteration=True)
-        ds = ds.batch(global_batch_size, drop_remainder=drop_remainder)
+        ds = shuffle_and_batch(ds)
         if training and augment:
             def apply(x, y):
                 for layer in augment:
@@ -80,19 +97,59 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
         # and batch ready token ids (tokenising costs as much as a small
         # BERT's forward pass on CPU).
         ds = ds.map(lambda x, y: (preprocessor(x), y), num_parallel_calls=AUTOTUNE).cache()
-        if training:
-            ds = ds.shuffle(min(shuffle_buffer, max(split.num_examples, 1)), seed=seed,
-                            reshuffle_each_iteration=True)
-        ds = ds.batch(global_batch_size, drop_remainder=drop_remainder)
+        ds = shuffle_and_batch(ds)
     else:
         # No cache (data larger than memory): tokenise whole batches, in parallel.
-        if training:
-            ds = ds.shuffle(min(shuffle_buffer, max(split.num_examples, 1)), seed=seed,
-                            reshuffle_each_iteration=True)
-        ds = ds.batch(global_batch_size, drop_remainder=drop_remainder)
+        ds = shuffle_and_batch(ds)
         ds = ds.map(lambda x, y: (preprocessor(x), y), num_parallel_calls=AUTOTUNE)
     ds = ds.map(lambda x, y: (x, to_targets(y)), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
+
+
+def _concatenate(datasets):
+    """Datasets back to back, as a balanced tree (depth log2 n, not n)."""
+    while len(datasets) > 1:
+        pairs = [a.concatenate(b) for a, b in zip(datasets[::2], datasets[1::2])]
+        datasets = pairs + ([datasets[-1]] if len(datasets) % 2 else [])
+    return datasets[0]
+
+
+def drop_final_batch(num_examples, global_batch_size, replicas=1, static_shapes=False):
+    """Whether a training pass drops its final partial batch.
+
+    TensorFlow splits a partial global batch evenly over the replicas
+    (`[3, 2]` for 5 rows on 2), so a final batch with fewer rows than
+    replicas leaves a replica an empty batch, which some kernels (oneDNN
+    Conv2D + BatchNorm) cannot run. Such a batch (fewer than `replicas`
+    examples, reshuffled each pass) is dropped; `static_shapes` (TPU, XLA)
+    always drops it.
+    """
+    remainder = num_examples % global_batch_size
+    return static_shapes or 0 < remainder < replicas
+
+
+def batches_per_pass(num_examples, global_batch_size, drop_remainder):
+    """Batches in one pass over `num_examples` (at least 1)."""
+    full, remainder = divmod(num_examples, global_batch_size)
+    return max(1, full + (1 if remainder and not drop_remainder else 0))
+
+
+def eval_batch_size(num_examples, global_batch_size, replicas=1):
+    """The largest global evaluation batch <= `global_batch_size` whose final
+    batch gives every replica at least one row (see `drop_final_batch`), so
+    evaluation sees every example on any number of replicas.
+
+    Raises:
+        ValueError: fewer examples than replicas.
+    """
+    if replicas == 1 or num_examples % global_batch_size == 0:
+        return global_batch_size
+    if num_examples < replicas:
+        raise ValueError(f"{num_examples} example(s) cannot be spread over {replicas} replicas")
+    for batch in range(global_batch_size - global_batch_size % replicas, 0, -replicas):
+        if num_examples % batch == 0 or num_examples % batch >= replicas:
+            return batch
+    return replicas
 
 
 def raw_inputs(split, limit=None):

@@ -17,7 +17,6 @@ error (one line on stderr).
 
 import dataclasses
 import os
-import time
 
 from absl import flags, logging
 
@@ -36,209 +35,217 @@ CACHE_DIR = "cache"
 def main(argv):
     del argv
     # Heavy imports after flag parsing, so --helpfull is instant.
-    import keras
-
+    from tftransfer import bn_stats, experiment
     from tftransfer import config as config_lib
-    from tftransfer import experiment, workdir
     from tftransfer.builders import build_model
     from tftransfer.data import make_pipeline
-    from tftransfer.distill import cache as cache_lib
-    from tftransfer.distill import data as distill_data
     from tftransfer.distill import report
-    from tftransfer.distill.distiller import Distiller
-    from tftransfer.distill.init import init_from_teacher
     from tftransfer.distill.schedule import DistillationSchedule
-    from tftransfer.distill.teacher import check_compatible, find_backbone, load_teacher
-    from tftransfer.errors import UserError
+    from tftransfer.distill.teacher import check_compatible, load_teacher
 
     # 1. Config: load, override, validate (nothing written yet).
     cfg = cli.load_run_config()
-    if cfg.distill is None:
-        raise UserError(
-            f"--config {FLAGS.config or '(none)'} has no distill section; add distill: {{teacher: "
-            f"[path/to/trained/workdir]}} (see configs/distill_minilm_sentiment.yaml)."
-        )
-    dcfg = cfg.distill
-    W = FLAGS.workdir
+    dcfg = _distill_section(cfg)
 
-    # 2. Work dir claimed; runtime: seed, precision, strategy.
-    config_text, resuming, strategy = cli.start_run(cfg)
-    global_batch = cfg.data.batch_size * strategy.num_replicas_in_sync
+    # 2. Strategy first (before anything touches devices); work dir claimed.
+    run = cli.start_run(cfg)
+    global_batch = cfg.data.batch_size * run.replicas
 
     # 3. Data, fully checked before the work dir is touched.
     labelled = experiment.load_data(cfg)
     heads = experiment.resolve_heads(cfg, labelled)
-    transfer = None
-    if dcfg.transfer_path:
-        if labelled.modality != "text":
-            raise UserError("distill.transfer_path: unlabelled transfer data is supported for text only.")
-        transfer = distill_data.load_transfer_text(dcfg.transfer_path, cfg.data.input_key or "text")
-    train_split = distill_data.concatenate(labelled.train, transfer)
-    if dcfg.cache != "none" and cfg.data.augment.enabled:
-        raise UserError(
-            f"distill.cache={dcfg.cache} with data.augment: cached teacher outputs would not match "
-            f"the augmented images; set distill.cache: none or disable data.augment."
-        )
+    train_split, transfer = _transfer_set(cfg, labelled)
 
     # 4. Teacher, student, distiller inside the strategy scope.
-    steps = experiment.steps_per_epoch(cfg, train_split.num_examples, global_batch)
-    with strategy.scope():
+    steps = experiment.steps_per_epoch(cfg, train_split.num_examples, global_batch, run.replicas)
+    with run.strategy.scope():
         teacher = load_teacher(dcfg.teacher)
         loaded = experiment.backbone_from_config(cfg)
-        if loaded.modality != labelled.modality:
-            raise UserError(
-                f"backbone is a {loaded.modality} model but data source {cfg.data.source} "
-                f"gives {labelled.modality}; pick a matching backbone or data."
-            )
+        experiment.check_modality(cfg, loaded, labelled)
         student = build_model(loaded, heads, name="student")
         check_compatible(teacher, student, loaded.preprocessor, loaded.modality)
-        init_report = None
-        if dcfg.init_from_teacher:
-            teacher_backbone = find_backbone(teacher.members[0])
-            if teacher_backbone is None:
-                raise UserError(
-                    f"distill.init_from_teacher: no keras-hub backbone inside {teacher.paths[0]!r}; "
-                    f"set init_from_teacher: false."
-                )
-            init_report = init_from_teacher(loaded.model, teacher_backbone, dcfg.teacher_layers)
-        if dcfg.feature_loss_weight and len(teacher.members) > 1:
-            raise UserError(
-                "distill.feature_loss_weight needs a single teacher (an ensemble has no one layer "
-                "to match); set it to 0 or list one teacher."
-            )
-        distiller = Distiller(
-            teacher.model, student, heads, alpha=dcfg.alpha, temperature=dcfg.temperature,
-            feature_loss_weight=dcfg.feature_loss_weight, feature_loss=dcfg.feature_loss,
-            teacher_feature_layer=dcfg.teacher_feature_layer,
-            student_feature_layer=dcfg.student_feature_layer,
-        )
-        distiller.compile(
-            experiment.optimizer(cfg, steps * cfg.train.epochs),
-            metrics={h.name: h.metrics() for h in heads},
-            jit_compile=cfg.distribute.jit_compile,
-        )
+        init_report = _init_student(dcfg, teacher, loaded)
+        distiller = _distiller(cfg, teacher, student, heads, steps * cfg.train.epochs)
 
-    # 5. The resolved config marks the work dir as ours.
-    os.makedirs(W, exist_ok=True)
-    workdir.atomic_write_text(os.path.join(W, workdir.CONFIG), config_text)
-    logging.info("%s: distilling %d teacher(s) (%d params) into a %d-param student; %d train "
-                 "(%d unlabelled) examples, global batch %d, cache %s%s",
-                 cfg.name, len(teacher.members), teacher.parameters, student.count_params(),
-                 train_split.num_examples, transfer.num_examples if transfer else 0, global_batch,
-                 dcfg.cache, " (resuming)" if resuming else "")
+    # 5. The resolved config marks the work dir as ours (chief).
+    run.begin(f"{cfg.name}: distilling {len(teacher.members)} teacher(s) ({teacher.parameters} params) "
+              f"into a {student.count_params()}-param student; {train_split.num_examples} train "
+              f"({transfer.num_examples if transfer else 0} unlabelled) examples, global batch "
+              f"{global_batch}, cache {dcfg.cache}")
 
     # 6. Pipelines; with a cache the teacher runs once per split, here.
-    pipeline_args = dict(
-        preprocessor=loaded.preprocessor, modality=loaded.modality, heads=heads,
-        cache=cfg.data.cache, drop_remainder=cfg.distribute.strategy == "tpu",
-    )
-    eval_batch = experiment.eval_batch_size(cfg, strategy.num_replicas_in_sync)
-    cache_info = {"mode": dcfg.cache}
-    if dcfg.cache == "none":
-        # The teacher runs on every (possibly augmented) training batch.
-        train_ds, val_ds = experiment.pipelines(
-            cfg, dataclasses.replace(labelled, train=train_split), loaded, heads, global_batch,
-            strategy.num_replicas_in_sync,
-        )
-    else:
-        key = cache_lib.fingerprint(
-            dcfg.teacher, data=config_lib.to_dict(cfg)["data"], transfer=dcfg.transfer_path,
-            backbone=config_lib.to_dict(cfg)["backbone"], hints=[dcfg.feature_loss_weight > 0,
-                                                                  dcfg.teacher_feature_layer],
-        )
-        splits = {"train": train_split, "validation": labelled.validation}
-        cached = {}
-        for name, split in splits.items():
-            if split is None:
-                continue
-            outputs, info = cache_lib.load_or_compute(
-                distiller, split, loaded.preprocessor, loaded.modality, mode=dcfg.cache,
-                cache_dir=os.path.join(W, CACHE_DIR), key=key, name=name, batch_size=eval_batch,
-            )
-            cache_info[name] = info
-            cached[name] = cache_lib.cached_pipeline(
-                split, outputs, training=name == "train", shuffle_buffer=cfg.data.shuffle_buffer,
-                seed=cfg.train.seed, global_batch_size=global_batch if name == "train" else eval_batch,
-                **pipeline_args,
-            )
-        train_ds, val_ds = cached["train"], cached.get("validation")
+    eval_split = labelled.validation or labelled.train
+    eval_batch = experiment.eval_batch_size(cfg, run.replicas, eval_split.num_examples)
+    make_train_ds, val_ds, cache_info = _pipelines(
+        cfg, run, labelled, train_split, loaded, heads, distiller, global_batch, eval_batch)
 
-    # 7. Fit.
-    callbacks = [
-        DistillationSchedule(
-            alpha=dcfg.alpha, temperature=dcfg.temperature, alpha_end=dcfg.alpha_end,
-            temperature_end=dcfg.temperature_end, schedule=dcfg.schedule, unit=dcfg.schedule_unit,
-        ),
-        keras.callbacks.BackupAndRestore(os.path.join(W, workdir.BACKUP)),
-        keras.callbacks.TensorBoard(os.path.join(W, workdir.LOGS)),
-    ]
-    if cfg.train.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor="val_loss" if val_ds is not None else "loss",
-            patience=cfg.train.early_stopping_patience, restore_best_weights=True,
-        ))
-    start = time.perf_counter()
-    history = distiller.fit(
-        train_ds, validation_data=val_ds, epochs=cfg.train.epochs,
-        steps_per_epoch=cfg.train.steps_per_epoch, callbacks=callbacks,
-        verbose=cfg.train.verbose, shuffle=False,  # tf.data shuffles
-    )
-    train_seconds = time.perf_counter() - start
+    # 7. Fit (resumes from W/backup/ after a kill).
+    schedule = DistillationSchedule(
+        alpha=dcfg.alpha, temperature=dcfg.temperature, alpha_end=dcfg.alpha_end,
+        temperature_end=dcfg.temperature_end, schedule=dcfg.schedule, unit=dcfg.schedule_unit)
+    statistics_before_fit = bn_stats.snapshot(student)
+    result = run.fit(distiller, make_train_ds, val_ds, steps,
+                     experiment.train_callbacks(cfg, schedule, val_ds is not None), checkpoint=False)
+    # The student ships its last weights, with BatchNorm statistics that match them.
+    bn_report = experiment.recompute_bn_stats(
+        cfg, student, train_split, loaded.preprocessor, loaded.modality, heads, None,
+        bn_stats.changed_layers(student, statistics_before_fit))
 
     # 8. Save the student like any trained model; compare with the teacher.
-    student_path = os.path.join(W, workdir.MODEL)
-    student.save(student_path)
-    from tftransfer.export import save_serving_assets
-
-    save_serving_assets(W, loaded, heads)
-    eval_split = labelled.validation or labelled.train
-    eval_ds = make_pipeline(eval_split, global_batch_size=eval_batch, **{**pipeline_args, "cache": False})
+    student_path = run.save_model(student)
+    eval_ds = make_pipeline(eval_split, loaded.preprocessor, loaded.modality, heads, eval_batch,
+                            cache=False)
     example = next(iter(eval_ds))[0]
     head = heads[0].name
     teacher_report = report.describe(teacher.model, eval_ds, head, teacher.size_bytes, example)
     student_report = report.describe(student, eval_ds, head, os.path.getsize(student_path), example)
-    teacher_report["paths"] = list(teacher.paths)
-    teacher_report["members"] = len(teacher.members)
-    epochs_run = len(history.history.get("loss", []))
+    teacher_report.update(paths=list(teacher.paths), members=len(teacher.members))
     metrics = {
-        "teacher": teacher_report,
-        "student": student_report,
+        **result.summary(), **experiment.run_summary(cfg, global_batch),
+        "teacher": teacher_report, "student": student_report,
         **report.compare(teacher_report, student_report),
         "evaluated_on": "validation" if labelled.validation is not None else "train",
         "num_evaluation_examples": eval_split.num_examples,
-        "train": {k: float(v[-1]) for k, v in history.history.items() if not k.startswith("val_")},
-        "epochs": epochs_run,
-        "train_seconds": train_seconds,
-        "seconds_per_epoch": train_seconds / max(epochs_run, 1),
         "num_train_examples": train_split.num_examples,
         "num_unlabelled_examples": transfer.num_examples if transfer else 0,
-        "global_batch_size": global_batch,
-        "cache": cache_info,
-        "distill": config_lib.to_dict(cfg)["distill"],
-        "init_from_teacher": _summarise_init(init_report),
-        "backbone": loaded.description,
+        "cache": cache_info, "distill": config_lib.to_dict(cfg)["distill"],
+        "init_from_teacher": _summarise_init(init_report), "backbone": loaded.description,
+        "bn_stats": bn_report,
     }
     if val_ds is not None:
-        metrics["validation"] = {k[len("val_"):]: float(v[-1]) for k, v in history.history.items()
-                                 if k.startswith("val_")}
-    if cfg.export.saved_model:
-        from tftransfer.export import export_saved_model
-
-        metadata = {"backbone": loaded.description, "modality": loaded.modality,
-                    "heads": [h.name for h in heads], "config": config_lib.to_dict(cfg),
-                    "distilled_from": list(teacher.paths)}
-        metrics["export"] = export_saved_model(
-            student, loaded.preprocessor, loaded.modality, heads,
-            os.path.join(W, workdir.EXPORT), metadata=metadata,
-        )
-    workdir.write_json(os.path.join(W, workdir.METRICS), metrics)
+        last = {k[len("val_"):]: float(v[-1]) for k, v in result.history.items() if k.startswith("val_")}
+        if bn_report["recomputed"]:  # the fit's last validation predates the recomputed statistics
+            metrics["validation_before_bn_recompute"] = last
+            last = {"accuracy": student_report["accuracy"]}
+        metrics["validation"] = last
+    export = experiment.export(cfg, run, student, loaded, heads, metadata={
+        "modality": loaded.modality, "heads": [h.name for h in heads],
+        "distilled_from": list(teacher.paths)})
+    if export is not None:
+        metrics["export"] = export
+    run.finish(metrics)
     print(
-        f"{cfg.name}: done in {train_seconds:.1f}s; teacher accuracy={teacher_report['accuracy']}, "
+        f"{cfg.name}: done in {result.seconds:.1f}s; teacher accuracy={teacher_report['accuracy']}, "
         f"student accuracy={student_report['accuracy']} "
         f"({metrics['accuracy_retained_percent']}% retained) with "
         f"{100 * metrics['parameters_ratio']:.1f}% of the parameters, "
         f"{metrics['speedup']:.2f}x faster per example"
     )
+
+
+def _distill_section(cfg):
+    from tftransfer.errors import UserError
+
+    if cfg.distill is None:
+        raise UserError(
+            f"--config {FLAGS.config or '(none)'} has no distill section; add distill: {{teacher: "
+            f"[path/to/trained/workdir]}} (see configs/distill_minilm_sentiment.yaml)."
+        )
+    if cfg.distill.cache != "none" and cfg.data.augment.enabled:
+        raise UserError(
+            f"distill.cache={cfg.distill.cache} with data.augment: cached teacher outputs would not "
+            f"match the augmented images; set distill.cache: none or disable data.augment."
+        )
+    return cfg.distill
+
+
+def _transfer_set(cfg, labelled):
+    """Labelled training split plus the optional unlabelled transfer text."""
+    from tftransfer.distill import data as distill_data
+    from tftransfer.errors import UserError
+
+    transfer = None
+    if cfg.distill.transfer_path:
+        if labelled.modality != "text":
+            raise UserError("distill.transfer_path: unlabelled transfer data is supported for text only.")
+        transfer = distill_data.load_transfer_text(cfg.distill.transfer_path, cfg.data.input_key or "text")
+    return distill_data.concatenate(labelled.train, transfer), transfer
+
+
+def _init_student(dcfg, teacher, loaded):
+    from tftransfer.distill.init import init_from_teacher
+    from tftransfer.distill.teacher import find_backbone
+    from tftransfer.errors import UserError
+
+    if dcfg.feature_loss_weight and len(teacher.members) > 1:
+        raise UserError(
+            "distill.feature_loss_weight needs a single teacher (an ensemble has no one layer "
+            "to match); set it to 0 or list one teacher."
+        )
+    if not dcfg.init_from_teacher:
+        return None
+    teacher_backbone = find_backbone(teacher.members[0])
+    if teacher_backbone is None:
+        raise UserError(
+            f"distill.init_from_teacher: no keras-hub backbone inside {teacher.paths[0]!r}; "
+            f"set init_from_teacher: false."
+        )
+    return init_from_teacher(loaded.model, teacher_backbone, dcfg.teacher_layers)
+
+
+def _distiller(cfg, teacher, student, heads, total_steps):
+    from tftransfer import experiment
+    from tftransfer.distill.distiller import Distiller
+
+    dcfg = cfg.distill
+    distiller = Distiller(
+        teacher.model, student, heads, alpha=dcfg.alpha, temperature=dcfg.temperature,
+        feature_loss_weight=dcfg.feature_loss_weight, feature_loss=dcfg.feature_loss,
+        teacher_feature_layer=dcfg.teacher_feature_layer,
+        student_feature_layer=dcfg.student_feature_layer,
+    )
+    distiller.compile(
+        experiment.optimizer(cfg, total_steps), metrics={h.name: h.metrics() for h in heads},
+        jit_compile=cfg.distribute.jit_compile,
+    )
+    return distiller
+
+
+def _pipelines(cfg, run, labelled, train_split, loaded, heads, distiller, global_batch, eval_batch):
+    """(make_train_ds, val_ds, cache_info): teacher outputs cached per `distill.cache`;
+    `make_train_ds()` builds a new training dataset (see `Run.fit`)."""
+    from tftransfer import config as config_lib
+    from tftransfer import experiment
+    from tftransfer.distill import cache as cache_lib
+
+    dcfg = cfg.distill
+    cache_info = {"mode": dcfg.cache}
+    if dcfg.cache == "none":
+        # The teacher runs on every (possibly augmented) training batch.
+        def make(data=dataclasses.replace(labelled, train=train_split)):
+            return experiment.pipelines(cfg, data, loaded, heads, global_batch, run.replicas)
+
+        return lambda: make()[0], make()[1], cache_info
+    raw = config_lib.to_dict(cfg)
+    key = cache_lib.fingerprint(
+        dcfg.teacher, data=raw["data"], transfer=dcfg.transfer_path, backbone=raw["backbone"],
+        hints=[dcfg.feature_loss_weight > 0, dcfg.teacher_feature_layer],
+    )
+    cached = {}
+
+    def pipeline(name, split, outputs, batch, drop):
+        return cache_lib.cached_pipeline(
+            split, outputs, loaded.preprocessor, loaded.modality, heads, batch, training=name == "train",
+            shuffle_buffer=cfg.data.shuffle_buffer, cache=cfg.data.cache, seed=cfg.train.seed,
+            drop_remainder=drop,
+        )
+
+    for name, split in {"train": train_split, "validation": labelled.validation}.items():
+        if split is None:
+            continue
+        training = name == "train"
+        outputs, info = cache_lib.load_or_compute(
+            distiller, split, loaded.preprocessor, loaded.modality, mode=dcfg.cache,
+            cache_dir=run.path(CACHE_DIR), key=key, name=name, batch_size=eval_batch,
+        )
+        cache_info[name] = info
+        batch = global_batch if training else experiment.eval_batch_size(
+            cfg, run.replicas, split.num_examples)
+        drop = experiment.drop_remainder(cfg, split.num_examples, global_batch, run.replicas) \
+            if training else cfg.distribute.strategy == "tpu"
+        cached[name] = (name, split, outputs, batch, drop)
+    validation = cached.get("validation")
+    return (lambda: pipeline(*cached["train"]), validation and pipeline(*validation), cache_info)
 
 
 def _summarise_init(init_report):

@@ -1,0 +1,157 @@
+"""tftransfer.distribute: cluster from TF_CONFIG / SLURM, strategies, replica-safe batching."""
+
+import json
+import os
+
+import pytest
+
+from tftransfer import data as data_lib
+from tftransfer import distribute
+from tftransfer.errors import UserError
+
+from conftest import TINY_DIGITS_YAML, run_cli
+
+
+def _tf_config(cluster, task):
+    return {"TF_CONFIG": json.dumps({"cluster": cluster, "task": task})}
+
+
+def test_tf_config_gives_the_task_and_the_chief():
+    workers = {"worker": ["localhost:1", "localhost:2"]}
+    first, _ = distribute.cluster_from_env(_tf_config(workers, {"type": "worker", "index": 0}))
+    second, _ = distribute.cluster_from_env(_tf_config(workers, {"type": "worker", "index": 1}))
+    assert (first.source, first.num_workers, first.is_chief) == ("TF_CONFIG", 2, True)
+    assert (second.task_id, second.is_chief) == (1, False)
+    with_chief = {"chief": ["localhost:0"], **workers}
+    worker0, _ = distribute.cluster_from_env(_tf_config(with_chief, {"type": "worker", "index": 0}))
+    chief, _ = distribute.cluster_from_env(_tf_config(with_chief, {"type": "chief", "index": 0}))
+    assert not worker0.is_chief and chief.is_chief and chief.num_workers == 3
+    alone, resolver = distribute.cluster_from_env({})
+    assert alone.is_chief and alone.num_workers == 1 and resolver is None
+
+
+def test_slurm_allocation_without_tf_config_uses_the_slurm_resolver(monkeypatch):
+    for key, value in {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "node[1-2]",
+                       "SLURM_STEP_TASKS_PER_NODE": "1(x2)", "CUDA_VISIBLE_DEVICES": ""}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    cluster, resolver = distribute.cluster_from_env()
+    assert type(resolver).__name__ == "SlurmClusterResolver"
+    assert (cluster.source, cluster.task_id, cluster.num_workers, cluster.is_chief) == ("SLURM", 1, 2, False)
+    assert resolver.cluster_spec().as_dict() == {"worker": ["node1:8888", "node2:8888"]}
+
+
+MALFORMED = {
+    "bad_json": ("{cluster: nope", "not valid JSON"),
+    "no_task": (json.dumps({"cluster": {"worker": ["localhost:1"]}}), 'no "task"'),
+    "index_out_of_range": (json.dumps({"cluster": {"worker": ["localhost:1", "localhost:2"]},
+                                       "task": {"type": "worker", "index": 2}}), "index 2 is out of range"),
+    "unknown_type": (json.dumps({"cluster": {"worker": ["localhost:1"]}, "task": {"type": "ps", "index": 0}}),
+                     "task type 'ps' is not in the cluster"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_tf_config_is_a_user_error(case):
+    text, fragment = MALFORMED[case]
+    with pytest.raises(UserError, match=fragment.replace("(", r"\(")):
+        distribute.cluster_from_env({"TF_CONFIG": text})
+
+
+@pytest.mark.parametrize("module, case", [("tftransfer.train", "bad_json"),
+                                          ("tftransfer.distill", "index_out_of_range")])
+def test_cli_malformed_tf_config_exits_2_before_writing(tmp_path, module, case):
+    text, fragment = MALFORMED[case]
+    config = tmp_path / "c.yaml"
+    config.write_text(TINY_DIGITS_YAML + "distill: {teacher: [/no/such/teacher]}\n")
+    W = str(tmp_path / "w")
+    result = run_cli(module, f"--config={config}", f"--workdir={W}", "--strategy=multi_worker",
+                     env={"TF_CONFIG": text}, timeout=300)
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert sum(l.startswith("error:") for l in lines) == 1
+    assert lines[-1].startswith("error: TF_CONFIG") and fragment in lines[-1], lines[-1]
+    assert not os.path.exists(W)
+
+
+def test_tpu_without_a_tpu_exits_2(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(TINY_DIGITS_YAML)
+    W = str(tmp_path / "w")
+    result = run_cli("tftransfer.train", f"--config={config}", f"--workdir={W}", "--strategy=tpu", timeout=300)
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert result.returncode == 2 and lines[-1].startswith("error: --strategy=tpu: no TPU found"), lines[-3:]
+    assert not os.path.exists(W)
+
+
+@pytest.mark.parametrize("n, batch, replicas, drop", [
+    (60, 20, 2, False), (61, 20, 2, True), (62, 20, 2, False), (5, 4, 2, True), (5, 4, 1, False)])
+def test_final_training_batch_dropped_only_when_a_replica_would_get_nothing(n, batch, replicas, drop):
+    assert data_lib.drop_final_batch(n, batch, replicas) is drop
+    assert data_lib.batches_per_pass(n, batch, drop) == (n // batch if drop else -(-n // batch))
+
+
+@pytest.mark.parametrize("n, batch, replicas", [(477, 128, 2), (41, 40, 2), (101, 64, 4), (7, 64, 2)])
+def test_eval_batch_gives_every_replica_a_row_in_the_final_batch(n, batch, replicas):
+    b = data_lib.eval_batch_size(n, batch, replicas)
+    assert 0 < b <= batch and b % replicas == 0
+    assert n % b == 0 or n % b >= replicas
+
+
+def test_eval_batch_of_fewer_examples_than_replicas_is_refused():
+    with pytest.raises(ValueError, match="cannot be spread"):
+        data_lib.eval_batch_size(1, 64, 2)
+
+
+TEXT_YAML = """
+name: tiny_text
+backbone:
+  spec: {architecture: bert, vocabulary: ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film"],
+         num_layers: 1, num_heads: 2, hidden_dim: 16, intermediate_dim: 16, max_sequence_length: 16}
+  sequence_length: 8
+data: {source: csv, train_path: TRAIN, batch_size: 8}
+train: {epochs: 1, steps_per_epoch: 2, verbose: 0}
+"""
+
+
+# (precision, jit_compile): the float32 eager default runs in every other CLI test;
+# mixed_float16 / mixed_bfloat16 with XLA were also run by hand (README).
+@pytest.mark.parametrize("precision, jit", [("float32", True), ("mixed_float16", True),
+                                            ("mixed_bfloat16", False)])
+def test_precision_and_xla_train_image_and_text_through_the_cli(tmp_path, precision, jit):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from conftest import REPO
+
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "".join(f"{'good film' if i % 2 else 'bad film'},{i % 2}\n" for i in range(24)))
+    configs = {"image": TINY_DIGITS_YAML.replace("train: {epochs: 2,", "train: {epochs: 1, steps_per_epoch: 2,"),
+               "text": TEXT_YAML.replace("TRAIN", str(train))}
+    export = precision != "float32"
+    procs = {}
+    for name, text in configs.items():
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(text)
+        args = [sys.executable, "-m", "tftransfer.train", f"--config={config}", f"--workdir={tmp_path / name}",
+                f"--config.distribute.precision={precision}", f"--config.distribute.jit_compile={str(jit).lower()}",
+                f"--config.export.saved_model={str(export).lower()}"]
+        procs[name] = subprocess.Popen(args, cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for name, proc in procs.items():
+        err = proc.communicate(timeout=600)[1]
+        assert proc.returncode == 0, err[-3000:]
+        metrics = json.load(open(tmp_path / name / "metrics.json"))
+        assert (metrics["precision"], metrics["jit_compile"]) == (precision, jit)
+        assert np.isfinite(metrics["train"]["loss"]), metrics["train"]
+    if export:
+        import tensorflow as tf
+
+        served = tf.saved_model.load(str(tmp_path / "image" / "export" / "1"))
+        fn = served.signatures["serve_preprocessed"]
+        out = fn(**{k: tf.zeros([3, *v.shape[1:]], v.dtype) for k, v in fn.structured_input_signature[1].items()})
+        probabilities = out["probabilities"] if "probabilities" in out else out["label_probabilities"]
+        assert probabilities.dtype == tf.float32
+        np.testing.assert_allclose(probabilities.numpy().sum(-1), 1.0, atol=1e-5)
