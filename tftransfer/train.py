@@ -8,7 +8,7 @@ is finished when `W/metrics.json` exists. Exit code 2: user error (one line
 on stderr). See tftransfer/workdir.py for the work-dir layout.
 """
 
-from absl import flags, logging
+from absl import flags
 
 from tftransfer import cli
 

@@ -18,7 +18,7 @@ error (one line on stderr).
 import dataclasses
 import os
 
-from absl import flags, logging
+from absl import flags
 
 from tftransfer import cli
 
