@@ -1,6 +1,7 @@
 import os
 
 import keras
+import keras_hub
 import numpy as np
 import pytest
 
@@ -88,3 +89,151 @@ def test_bad_spec_is_a_user_error():
         backbones.load_backbone(spec={"architecture": "vgg"})
     with pytest.raises(UserError, match="stackwise_num_filters"):
         backbones.load_backbone(spec={**TINY_RESNET, "stackwise_num_filters": [32, 128]})
+
+
+# ---------------------------------------------------------------------------
+# Layer groups per keras-hub family: tiny random backbones of the real classes
+# ---------------------------------------------------------------------------
+
+M = keras_hub.models
+V = 50
+
+
+def _text(cls, **kw):
+    return lambda: cls(vocabulary_size=V, num_layers=2, num_heads=2, hidden_dim=16,
+                       intermediate_dim=32, max_sequence_length=16, **kw)
+
+
+TINY_FAMILIES = {
+    "efficientnet": (lambda: M.EfficientNetBackbone(
+        stackwise_width_coefficients=[1.0] * 3, stackwise_depth_coefficients=[1.0] * 3,
+        stackwise_kernel_sizes=[3, 3, 3], stackwise_num_repeats=[1, 2, 1],
+        stackwise_input_filters=[8, 8, 16], stackwise_output_filters=[8, 16, 16],
+        stackwise_expansion_ratios=[1, 2, 2], stackwise_squeeze_and_excite_ratios=[0, 0.25, 0],
+        stackwise_strides=[1, 2, 1], stackwise_block_types=["v1"] * 3,
+        stackwise_force_input_filters=[0] * 3, stackwise_nores_option=[False] * 3, num_features=32),
+        ["stem", "block1", "block2", "block3"]),
+    "mobilenet": (lambda: M.MobileNetBackbone(
+        stackwise_expansion=[[4], [3, 3]], stackwise_num_blocks=[1, 2],
+        stackwise_num_filters=[[8], [16, 16]], stackwise_kernel_size=[[3], [3, 3]],
+        stackwise_num_strides=[[2], [2, 1]], stackwise_se_ratio=[[None], [0.25, 0.25]],
+        stackwise_activation=[["relu"], ["hard_swish", "hard_swish"]], stackwise_padding=[[1], [1, 1]],
+        output_num_filters=32, depthwise_filters=8, depthwise_stride=2, depthwise_residual=False,
+        last_layer_filter=32, squeeze_and_excite=0.5, input_num_filters=8),
+        ["stem", "block0", "block1", "block2", "block3"]),
+    "densenet": (lambda: M.DenseNetBackbone(stackwise_num_repeats=[1, 2, 1], growth_rate=8),
+                 ["stem", "stack1", "stack2", "stack3"]),
+    "vit": (lambda: M.ViTBackbone(image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2,
+                                  hidden_dim=16, mlp_dim=32),
+            ["embeddings", "transformer_block_1", "transformer_block_2"]),
+    "deit": (lambda: M.DeiTBackbone(image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2,
+                                    hidden_dim=16, intermediate_dim=32),
+             ["embeddings", "transformer_block_1", "transformer_block_2"]),
+    "dinov2": (lambda: M.DINOV2Backbone(patch_size=8, num_layers=2, hidden_dim=16, num_heads=2,
+                                        intermediate_dim=32, image_shape=(32, 32, 3),
+                                        position_embedding_shape=(32, 32, 3)),
+               ["embeddings", "layer_0", "layer_1"]),
+    "swin": (lambda: M.SwinTransformerBackbone(image_shape=(32, 32, 3), embed_dim=8, depths=[2, 2],
+                                               num_heads=[1, 2], window_size=4, patch_size=4),
+             ["embeddings", "stage_0", "stage_1"]),
+    "bert": (_text(M.BertBackbone), ["embeddings", "transformer_layer_0", "transformer_layer_1"]),
+    "distilbert": (_text(M.DistilBertBackbone), ["embeddings", "transformer_layer_0", "transformer_layer_1"]),
+    "roberta": (_text(M.RobertaBackbone), ["embeddings", "transformer_layer_0", "transformer_layer_1"]),
+    "xlm_roberta": (_text(M.XLMRobertaBackbone), ["embeddings", "transformer_layer_0", "transformer_layer_1"]),
+    # ALBERT: 4 layers sharing 2 weight groups (layers 0-1 reuse group_0).
+    "albert": (lambda: M.AlbertBackbone(vocabulary_size=V, num_layers=4, num_heads=2, embedding_dim=8,
+                                        hidden_dim=16, intermediate_dim=32, num_groups=2,
+                                        max_sequence_length=16),
+               ["embeddings", "group_0", "group_1"]),
+    "deberta_v3": (_text(M.DebertaV3Backbone, bucket_size=4),
+                   ["embeddings", "transformer_layer_0", "transformer_layer_1"]),
+    "electra": (lambda: M.ElectraBackbone(vocab_size=V, num_layers=2, num_heads=2, hidden_dim=16,
+                                          embedding_dim=8, intermediate_dim=32, max_sequence_length=16),
+                ["embeddings", "transformer_layer_0", "transformer_layer_1"]),
+}
+
+
+def _with_head(backbone):
+    """backbone -> mean-pooled features -> Dense(2), whatever its output."""
+    features = backbone(backbone.input)
+    if isinstance(features, dict):
+        features = features["sequence_output"]
+    pooled = keras.layers.Lambda(
+        lambda t: keras.ops.mean(t, axis=tuple(range(1, len(t.shape) - 1))))(features)
+    return keras.Model(backbone.input, keras.layers.Dense(2, name="head")(pooled))
+
+
+@pytest.mark.parametrize("family", sorted(TINY_FAMILIES))
+def test_family_layer_groups_are_ordered_and_gradual_unfreezes_one_by_one(family):
+    from tftransfer.callbacks import ProgressiveUnfreezing
+
+    make, expected = TINY_FAMILIES[family]
+    backbone = make()
+    assert type(backbone).__name__ in backbones.supported_families()
+    groups = backbones.layer_groups(backbone)
+    assert [g.name for g in groups] == expected
+    # Every backbone weight is in exactly one group (none trains as "head").
+    ids = [id(v) for g in groups for v in g.variables]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(v) for v in backbone.weights}
+
+    model = _with_head(backbone)
+    model.compile(keras.optimizers.Adam(1e-3), loss="mse")
+    trainable0 = {id(v) for v in model.trainable_weights}
+    head = {id(v) for v in model.get_layer("head").weights}
+    callback = ProgressiveUnfreezing(groups, schedule="gradual", train_bn=True)
+    callback.set_model(model)
+    callback.set_params({"epochs": len(groups) + 1, "steps": 1})
+    callback.on_train_begin()
+    for epoch in range(len(groups) + 1):
+        callback.on_epoch_begin(epoch)
+        unfrozen = [g.name for g in groups][len(groups) - epoch:]
+        assert callback.trainable_groups == unfrozen, epoch
+        trainable = {id(v) for v in model.trainable_weights}
+        assert head <= trainable
+        for g in groups:
+            own = {id(v) for v in g.variables} & trainable0
+            assert (own <= trainable) if g.name in unfrozen else not (own & trainable), (epoch, g.name)
+
+
+def test_nested_vit_blocks_train_only_when_unfrozen():
+    from tftransfer.callbacks import ProgressiveUnfreezing
+
+    backbone = TINY_FAMILIES["vit"][0]()
+    groups = backbones.layer_groups(backbone)
+    model = _with_head(backbone)
+    model.compile(keras.optimizers.Adam(1e-2), loss="mse")
+    before = {g.name: [np.array(v) for v in g.variables] for g in groups}
+    x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype("float32")
+    history = model.fit(x, np.ones((4, 2), "float32"), epochs=2, verbose=0,
+                        callbacks=[ProgressiveUnfreezing(groups, schedule="gradual")])
+    assert history.history["unfrozen_groups"] == [0, 1]
+    changed = {g.name: any(np.abs(np.array(v) - b).max() > 0 for v, b in zip(g.variables, before[g.name]))
+               for g in groups}
+    assert changed == {"embeddings": False, "transformer_block_1": False, "transformer_block_2": True}
+
+
+def test_unknown_family_groups_come_from_its_block_names():
+    inputs = keras.Input((4,))
+    x = inputs
+    for i in range(3):
+        x = keras.layers.Dense(4, name=f"cell_{i}_dense")(x)
+        x = keras.layers.LayerNormalization(name=f"cell_{i}_norm")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="out")(x))
+    groups = backbones.layer_groups(model)
+    assert [g.name for g in groups] == ["stem", "cell_0", "cell_1", "cell_2"]
+    assert "out" in [l.name for l in groups[-1].layers]
+
+
+def test_structureless_backbone_warns_and_gradual_is_a_user_error():
+    from tftransfer.callbacks import ProgressiveUnfreezing
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="out")(keras.layers.Dense(4, name="hidden")(inputs)))
+    with pytest.warns(UserWarning, match="no block structure known for backbone family Functional"):
+        groups = backbones.layer_groups(model)
+    assert [g.name for g in groups] == ["backbone"]
+    with pytest.raises(UserError, match="schedule gradual needs a backbone with several layer groups"):
+        ProgressiveUnfreezing(groups, schedule="gradual")
+    with pytest.raises(UserError, match="lr_decay=0.5 needs"):
+        ProgressiveUnfreezing(groups, schedule="all", lr_decay=0.5)
+    ProgressiveUnfreezing(groups, schedule="all")  # fine: nothing is promised per group

@@ -387,55 +387,143 @@ def _first_line(e):
 # Layer groups
 # ---------------------------------------------------------------------------
 
-_RESNET_HUB_STACK = re.compile(r"^stack(\d+)_")
-_RESNET_APP_STAGE = re.compile(r"^conv([2-9])_")
-_TRANSFORMER_LAYER = re.compile(r"^transformer_layer_(\d+)$")
+# Per keras-hub family: (container holding the blocks or None for top level,
+# block-name pattern whose first group is the block index, name of the group
+# below the first block, group-name prefix). Layers before the first block
+# form the bottom group; layers after a block (transitions, final norms,
+# poolers) join the block before them, so groups run bottom to top and
+# every backbone weight belongs to exactly one group.
+_TRANSFORMER = (None, r"^transformer_layer_(\d+)$", "embeddings", "transformer_layer_")
+FAMILY_GROUPS = {
+    "ResNetBackbone": (None, r"^stack(\d+)_", "stem", "stack"),
+    "EfficientNetBackbone": (None, r"^block(\d+)[a-z]+_", "stem", "block"),
+    "MobileNetBackbone": (None, r"^block_(\d+)_\d+$", "stem", "block"),
+    "DenseNetBackbone": (None, r"^stack(\d+)_", "stem", "stack"),
+    # ViT / DeiT / DINOv2 nest their blocks inside an encoder layer.
+    "ViTBackbone": ("vit_encoder", r"^transformer_block_(\d+)$", "embeddings", "transformer_block_"),
+    "DeiTBackbone": ("deit_encoder", r"^transformer_block_(\d+)$", "embeddings", "transformer_block_"),
+    "DINOV2Backbone": ("encoder", r"^layers_(\d+)$", "embeddings", "layer_"),
+    "SwinTransformerBackbone": (None, r"^stage_(\d+)$", "embeddings", "stage_"),
+    "BertBackbone": _TRANSFORMER,
+    "HFBertBackbone": _TRANSFORMER,
+    "DistilBertBackbone": _TRANSFORMER,
+    "RobertaBackbone": _TRANSFORMER,
+    "XLMRobertaBackbone": _TRANSFORMER,
+    "ElectraBackbone": _TRANSFORMER,
+    "DebertaV3Backbone": (None, r"^disentangled_attention_encoder_layer_(\d+)$", "embeddings", "transformer_layer_"),
+    # ALBERT shares weights: `group_<g>_inner_layer_<i>` is one set of
+    # weights that num_layers / num_groups consecutive layers reuse, so a
+    # group here is a weight group (released checkpoints: num_groups=1, one
+    # encoder group), not one layer of depth.
+    "AlbertBackbone": (None, r"^group_(\d+)_inner_layer_\d+$", "embeddings", "group_"),
+}
+# keras.applications ResNet50 (a plain Functional model).
+_RESNET_APP = (None, r"^conv([2-9])_", "stem", "conv")
+# Unknown families: blocks are layers named `<word>[_]<index>...`.
+_INDEXED = re.compile(r"^([A-Za-z]+(?:_[A-Za-z]+)*?)_?(\d+)(?![\d])")
+
+
+def supported_families():
+    """keras-hub backbone classes with known layer groups (README, --helpfull)."""
+    return sorted(FAMILY_GROUPS)
 
 
 def layer_groups(model):
     """The backbone's layers as ordered groups, bottom (input) to top.
 
-    keras-hub ResNet: `stem`, `stack0`..`stackN`. keras.applications ResNet50:
-    `stem`, `conv2`..`conv5`. keras-hub BERT-family: `embeddings`,
-    `transformer_layer_0`..`N` (the pooler joins the last one). Anything
-    else: a single group `backbone`.
+    Known families (`FAMILY_GROUPS`): CNNs by stage (`stem`, `stack0`.. for
+    ResNet, `block1`.. for EfficientNet / MobileNet, `stack1`.. for DenseNet
+    with each transition joining the stage below it), transformers by block
+    (`embeddings`, `transformer_layer_0`.. for BERT / DistilBERT / RoBERTa /
+    XLM-RoBERTa / ELECTRA / DeBERTaV3, `transformer_block_1`.. inside ViT's
+    and DeiT's encoder, `layer_0`.. for DINOv2, `stage_0`.. for Swin,
+    `group_0`.. for ALBERT's shared-weight groups). keras.applications
+    ResNet50: `stem`, `conv2`..`conv5`. Any other model: groups from its own
+    indexed block names (`<name>_<i>`, at the top level or inside its
+    largest container layer) when it has them; otherwise one group
+    `backbone` and a warning naming the family, because progressive
+    unfreezing and discriminative learning rates cannot work on it.
     """
-    layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
-    names = [l.name for l in layers]
-    if any(_RESNET_HUB_STACK.match(n) for n in names):
-        return _group_by_pattern(layers, _RESNET_HUB_STACK, "stack")
-    if any(_RESNET_APP_STAGE.match(n) for n in names):
-        return _group_by_pattern(layers, _RESNET_APP_STAGE, "conv")
-    if any(_TRANSFORMER_LAYER.match(n) for n in names):
-        embeddings, blocks, top = [], {}, []
-        for layer in layers:
-            match = _TRANSFORMER_LAYER.match(layer.name)
-            if match:
-                blocks[int(match.group(1))] = layer
-            elif not blocks:
-                embeddings.append(layer)
-            else:
-                top.append(layer)
-        groups = [LayerGroup("embeddings", embeddings)]
-        groups += [LayerGroup(f"transformer_layer_{i}", [blocks[i]]) for i in sorted(blocks)]
-        groups[-1].layers.extend(top)
-        return groups
-    return [LayerGroup("backbone", layers)]
+    family = type(model).__name__
+    rule = FAMILY_GROUPS.get(family)
+    if rule is None:
+        top = _top_layers(model)
+        if any(re.match(_RESNET_APP[1], l.name) for l in top):
+            rule = _RESNET_APP
+        else:
+            rule = _discover(model)
+    if rule is not None:
+        groups = _group_by_rule(model, *rule)
+        if groups is not None and len(groups) > 1:
+            return groups
+    import warnings
+
+    warnings.warn(
+        f"tftransfer: no block structure known for backbone family {family}; it is one "
+        f"layer group 'backbone' (gradual unfreezing and lr_decay need several). Families "
+        f"with layer groups: {', '.join(supported_families())}.",
+        stacklevel=2,
+    )
+    return [LayerGroup("backbone", _top_layers(model))]
 
 
-def _group_by_pattern(layers, pattern, prefix):
-    stem, stages = [], {}
+def _top_layers(model):
+    return [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+
+
+def _sublayers(layer):
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def _group_by_rule(model, container, pattern, bottom, prefix):
+    pattern = re.compile(pattern)
+    layers = []
+    for layer in _top_layers(model):
+        if container is not None and layer.name == container:
+            if layer.weights and not _sublayers(layer):
+                return None
+            layers.extend(_sublayers(layer))
+        else:
+            layers.append(layer)
+    first, blocks = [], {}
     for layer in layers:
         match = pattern.match(layer.name)
         if match:
-            stages.setdefault(int(match.group(1)), []).append(layer)
-        elif not stages:
-            stem.append(layer)
-        else:  # e.g. post_bn / post_relu after the last stack.
-            stages[max(stages)].append(layer)
-    return [LayerGroup("stem", stem)] + [
-        LayerGroup(f"{prefix}{i}", stages[i]) for i in sorted(stages)
-    ]
+            key = match.group(1)
+            blocks.setdefault(key, []).append(layer)
+            last = key
+        elif not blocks:
+            first.append(layer)
+        else:  # Transitions, final norms, poolers: join the block below.
+            blocks[last].append(layer)
+    if not blocks:
+        return None
+    return [LayerGroup(bottom, first)] + [LayerGroup(f"{prefix}{k}", v) for k, v in blocks.items()]
+
+
+def _discover(model):
+    """A rule from the model's own indexed layer names, or None."""
+    text = _is_text(model)
+    bottom = "embeddings" if text else "stem"
+    candidates = [(None, _top_layers(model))]
+    containers = [l for l in _top_layers(model) if len(_sublayers(l)) > 2]
+    if containers:
+        biggest = max(containers, key=lambda l: len(_sublayers(l)))
+        candidates.append((biggest.name, _sublayers(biggest)))
+    best = None
+    for container, layers in candidates:
+        indices = {}
+        for layer in layers:
+            match = _INDEXED.match(layer.name)
+            if match:
+                indices.setdefault(match.group(1), set()).add(match.group(2))
+        for word, seen in indices.items():
+            if len(seen) >= 2 and (best is None or len(seen) > best[0]):
+                best = (len(seen), container, word)
+    if best is None:
+        return None
+    _, container, word = best
+    return (container, rf"^{re.escape(word)}_?(\d+)(?![\d])", bottom, f"{word}_")
 
 
 def save_backbone_preset(loaded, preset_dir):
