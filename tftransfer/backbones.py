@@ -187,16 +187,16 @@ def load_backbone(
 
 def _from_preset(preset, load_weights, image_size, sequence_length):
     description = {"source": "preset", "preset": preset, "pretrained": bool(load_weights)}
+    family = None
     if os.path.isdir(preset):
-        hf_config = _hf_config(preset)
-        if hf_config is not None and hf_config.get("model_type") == "bert":
+        fmt, family = local_checkpoint_format(preset)
+        description["format"], description["family"] = fmt, family
+        if fmt == "huggingface" and family == "bert":
             from tftransfer import hf_bert
 
             model = hf_bert.load_hf_bert(preset, load_weights=load_weights)
             preprocessor = hf_bert.load_hf_tokenizer_preprocessor(preset, sequence_length)
-            description["format"] = "huggingface"
             return _finish(model, preprocessor, description)
-        description["format"] = "huggingface" if hf_config else "keras_hub"
     elif "://" not in preset:
         if preset not in keras_hub.models.Backbone.presets:
             looks_like_path = os.sep in preset or preset.startswith(".")
@@ -215,6 +215,11 @@ def _from_preset(preset, load_weights, image_size, sequence_length):
     except Exception as e:  # keras-hub/kagglehub/huggingface_hub raise many types.
         if _is_network_error(e):
             raise UserError(_download_message(preset, e))
+        if family is not None:
+            raise UserError(
+                f"backbone.preset {preset!r}: the {description['format']} checkpoint ({family}) could "
+                f"not be loaded ({_first_line(e)[:200]}). Supported: {_supported_local()}."
+            )
         raise UserError(f"backbone.preset {preset!r} could not be loaded: {_first_line(e)}")
     if _is_text(model):
         try:
@@ -352,14 +357,69 @@ def _image_converter_from_preset(preset, image_size):
     return converter
 
 
-def _hf_config(path):
-    """The Hugging Face `config.json` of a checkpoint dir, else None."""
+# Local checkpoint directories keras-hub 0.32 converts and tftransfer
+# fine-tunes (backbone classes with layer groups; LLM families are left out).
+HF_FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta", "albert", "vit", "deit", "dinov2", "swin")
+TIMM_FAMILIES = ("resnet", "efficientnet", "mobilenet", "densenet")
+
+
+def _supported_local():
+    return (f"keras-hub preset dirs (Backbone.save_to_preset) of {', '.join(supported_families())}; "
+            f"Hugging Face transformers dirs (config.json + model.safetensors) with model_type "
+            f"{', '.join(HF_FAMILIES)}; timm dirs (config.json + model.safetensors) of "
+            f"{', '.join(TIMM_FAMILIES)} (e.g. tools/convert_efficientnet_lite0.py)")
+
+
+def local_checkpoint_format(path):
+    """`(format, family)` of a local checkpoint dir, or a one-line UserError.
+
+    format: `keras_hub` (family: the backbone class), `huggingface` (its
+    `model_type`) or `timm` (its `architecture`), told apart by `config.json`
+    as keras-hub does.
+    """
+    where = f"backbone.preset {path!r}"
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        return None
-    with open(config_path) as f:
-        config = json.load(f)
-    return config if "model_type" in config else None
+        raise UserError(f"{where}: no config.json, so not a checkpoint dir. Supported: {_supported_local()}.")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: config.json is not valid JSON ({_first_line(e)}).")
+    if not isinstance(config, dict):
+        raise UserError(f"{where}: config.json is not a JSON object.")
+    has_weights = any(os.path.isfile(os.path.join(path, n))
+                      for n in ("model.safetensors", "model.safetensors.index.json"))
+    if "registered_name" in config:
+        family = str(config.get("class_name") or config["registered_name"])
+        return "keras_hub", family
+    if "model_type" in config:
+        family = str(config["model_type"])
+        if family not in HF_FAMILIES:
+            raise UserError(
+                f"{where}: Hugging Face model_type {family!r} is not supported for transfer "
+                f"(supported model_type: {', '.join(HF_FAMILIES)})."
+            )
+        if not has_weights:
+            raise UserError(
+                f"{where}: the Hugging Face {family} checkpoint has no model.safetensors "
+                f"(pytorch_model.bin is not read); save it with save_pretrained(..., safe_serialization=True)."
+            )
+        return "huggingface", family
+    if "architecture" in config:
+        family = str(config["architecture"])
+        if not family.startswith(TIMM_FAMILIES):
+            raise UserError(
+                f"{where}: timm architecture {family!r} is not supported "
+                f"(supported timm families: {', '.join(TIMM_FAMILIES)})."
+            )
+        if not has_weights:
+            raise UserError(f"{where}: the timm {family} checkpoint has no model.safetensors.")
+        return "timm", family
+    raise UserError(
+        f"{where}: config.json has none of registered_name (keras-hub), model_type (Hugging Face), "
+        f"architecture (timm). Supported: {_supported_local()}."
+    )
 
 
 def _is_network_error(e):
