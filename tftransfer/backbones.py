@@ -221,6 +221,8 @@ def _from_preset(preset, load_weights, image_size, sequence_length):
                 f"not be loaded ({_first_line(e)[:200]}). Supported: {_supported_local()}."
             )
         raise UserError(f"backbone.preset {preset!r} could not be loaded: {_first_line(e)}")
+    if load_weights and description.get("family") == "roberta":
+        _fold_roberta_token_type(model, preset)
     if _is_text(model):
         try:
             preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(
@@ -420,6 +422,29 @@ def local_checkpoint_format(path):
         f"{where}: config.json has none of registered_name (keras-hub), model_type (Hugging Face), "
         f"architecture (timm). Supported: {_supported_local()}."
     )
+
+
+def _fold_roberta_token_type(model, path):
+    """Add `token_type_embeddings[0]` to RoBERTa's position embeddings.
+
+    Hugging Face RoBERTa adds the type-0 embedding to every token; keras-hub's
+    RoBERTa has no segment embedding and its converter drops it (its XLM-R
+    converter folds it in, as here). Original fairseq checkpoints store
+    zeros, so they were unaffected; RoBERTa-architecture models trained with
+    `transformers` were not (tools/check_hf_families.py, BENCHMARKS.md).
+    """
+    from safetensors import safe_open
+
+    file = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(file):  # Sharded checkpoints: left as keras-hub loads them.
+        return
+    with safe_open(file, framework="np") as f:
+        keys = [k for k in f.keys() if k.endswith("embeddings.token_type_embeddings.weight")]
+        if not keys:
+            return
+        type0 = f.get_tensor(keys[0])[0]
+    positions = model.embeddings.position_embedding.position_embeddings
+    positions.assign(keras.ops.convert_to_numpy(positions) + type0[None, :])
 
 
 def _is_network_error(e):

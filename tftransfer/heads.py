@@ -124,6 +124,8 @@ def pool_features(features, modality, pooling, padding_mask=None, name="pool"):
         else:
             layer = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
         return layer(name=name)(features)
+    if not isinstance(features, dict):  # RoBERTa, XLM-R, DistilBERT, DeBERTaV3: the sequence only.
+        features = {"sequence_output": features}
     pooling = pooling or "cls"
     if pooling not in TEXT_POOLINGS:
         raise UserError(
