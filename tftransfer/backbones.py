@@ -8,6 +8,9 @@ One entry point, `load_backbone`, accepts every way a user names a network:
 - a local Hugging Face BERT checkpoint directory (`config.json` with
   `model_type: bert`, `model.safetensors`, `vocab.txt`), converted with the
   checkpoint's own activation and layer-norm settings (`tftransfer.hf_bert`);
+- a local Hugging Face directory of another family (`HF_FAMILIES`) or a
+  local timm directory (`TIMM_FAMILIES`), through keras-hub's converters;
+  `local_checkpoint_format` tells them apart and names what cannot load;
 - an architecture spec with random init (`{"architecture": "resnet", ...}`);
 - `keras.applications.ResNet50` (ImageNet weights or a local weights file).
 
@@ -85,8 +88,10 @@ class LoadedBackbone:
 
     model: keras.Model. Images: float image batch (after `preprocessor`) ->
         feature map `(batch, h, w, channels)`. Text: dict of `token_ids`,
-        `segment_ids`, `padding_mask` -> dict with `sequence_output` (and
-        `pooled_output` for BERT).
+        `segment_ids` (families that have them), `padding_mask` -> dict
+        with `sequence_output` (and `pooled_output` for BERT, ALBERT,
+        ELECTRA), or the sequence output tensor itself (RoBERTa, XLM-R,
+        DistilBERT, DeBERTaV3). ViT / DeiT / DINOv2: `(batch, tokens, dim)`.
     modality: str. `"image"` or `"text"`.
     preprocessor: callable layer from raw input to `model` input. Images: a
         keras-hub `ImageConverter` on 0-255 RGB pixels (one image or a
