@@ -327,14 +327,20 @@ def test_lite0_imagenet_features_transfer_and_gradual_runs_over_its_stages(lite0
     x_train, y_train = regions.crops((0, regions.SPLIT_ROW), 10, rng)
     x_val, y_val = regions.crops((regions.SPLIT_ROW, 427), 50, rng)
     x_train, x_val = x_train.astype("float32"), x_val.astype("float32")
-    random_init = backbones.load_backbone(path, image_size=65, load_weights=False)
-    scores = {}
-    for name, loaded in (("imagenet", pretrained), ("random", random_init)):
+
+    def probe(loaded):
         features = lambda x: np.asarray(loaded.model(loaded.preprocessor(x))).mean(axis=(1, 2))  # noqa: E731
         head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
-        scores[name] = head.fit(features(x_train), y_train).score(features(x_val), y_val)
-    # Measured: imagenet 0.61, random 0.32 (chance 0.25).
-    assert scores["imagenet"] >= scores["random"] + 0.15, scores
+        return head.fit(features(x_train), y_train).score(features(x_val), y_val)
+
+    imagenet = probe(pretrained)
+    random_scores = []
+    for seed in range(3):  # Random-init probes vary a lot with the draw: compare with several.
+        keras.utils.set_random_seed(seed)
+        random_scores.append(probe(backbones.load_backbone(path, image_size=65, load_weights=False)))
+    # Measured: imagenet 0.61; random 0.27, 0.365, 0.45 (chance 0.25).
+    assert imagenet >= max(random_scores) + 0.1 and imagenet >= np.mean(random_scores) + 0.2, (
+        imagenet, random_scores)
 
     # Gradual unfreezing over Lite0's eight stages, top-down, one per epoch.
     groups = pretrained.layer_groups

@@ -128,21 +128,27 @@ def pixel_server(tmp_path_factory):
     return lambda data: serve(image_bytes=tf.constant([data]))["values"].numpy().reshape(S, S, 3)
 
 
-def _training_pixels(tmp_path, data, name):
-    """What `load_image_folder` (training / evaluation) yields for the file."""
-    folder = tmp_path / "train" / "a"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_bytes(data)
-    loaded = sources.load_image_folder(str(tmp_path / "train"))
-    (image, _), = loaded.train.dataset.as_numpy_iterator()
-    return image
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """Every case's bytes, expected pixels and what `load_image_folder` (the
+    training / evaluation path) yields for the file: one class folder per case."""
+    root = tmp_path_factory.mktemp("folder")
+    made = {}
+    for name, make in CASES.items():
+        data, expected = make()
+        ext = {b"\x89PNG": ".png", b"GIF8": ".gif"}.get(data[:4], ".jpg")
+        (root / name).mkdir()
+        (root / name / ("img" + ext)).write_bytes(data)
+        made[name] = (data, expected)
+    loaded = sources.load_image_folder(str(root))
+    assert loaded.class_names == sorted(CASES)
+    trained = {loaded.class_names[y]: x for x, y in loaded.train.dataset.as_numpy_iterator()}
+    return {name: (data, expected, trained[name]) for name, (data, expected) in made.items()}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_decoded_pixels_are_expected_and_serving_matches_training(case, tmp_path, pixel_server):
-    data, expected = CASES[case]()
-    ext = {b"\x89PNG": ".png", b"GIF8": ".gif"}.get(data[:4], ".jpg")
-    trained = _training_pixels(tmp_path, data, "img" + ext)
+def test_decoded_pixels_are_expected_and_serving_matches_training(case, cases, pixel_server):
+    data, expected, trained = cases[case]
     assert trained.shape == expected.shape
     assert np.abs(trained - expected).max() <= 1e-3, case
     served = pixel_server(data)
