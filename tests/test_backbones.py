@@ -221,8 +221,12 @@ def test_unknown_family_groups_come_from_its_block_names():
         x = keras.layers.LayerNormalization(name=f"cell_{i}_norm")(x)
     model = keras.Model(inputs, keras.layers.Dense(2, name="out")(x))
     groups = backbones.layer_groups(model)
-    assert [g.name for g in groups] == ["stem", "cell_0", "cell_1", "cell_2"]
+    assert [g.name for g in groups] == ["cell_0", "cell_1", "cell_2"]
     assert "out" in [l.name for l in groups[-1].layers]
+    # A keras-hub family without a table entry: VGG's blocks, no empty stem.
+    vgg = keras_hub.models.VGGBackbone(stackwise_num_repeats=[1, 1], stackwise_num_filters=[8, 16],
+                                       image_shape=(32, 32, 3))
+    assert [g.name for g in backbones.layer_groups(vgg)] == ["block_1", "block_2"]
 
 
 def test_structureless_backbone_warns_and_gradual_is_a_user_error():

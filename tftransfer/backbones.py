@@ -588,7 +588,8 @@ def _group_by_rule(model, container, pattern, bottom, prefix):
             blocks[last].append(layer)
     if not blocks:
         return None
-    return [LayerGroup(bottom, first)] + [LayerGroup(f"{prefix}{k}", v) for k, v in blocks.items()]
+    groups = [LayerGroup(bottom, first)] if first else []  # e.g. VGG: no layer below block 1
+    return groups + [LayerGroup(f"{prefix}{k}", v) for k, v in blocks.items()]
 
 
 def _discover(model):
