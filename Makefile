@@ -26,7 +26,7 @@ quickstart: env
 	$(PY) tools/quickstart.py --workdir=runs/quickstart
 
 test: env
-	$(PY) -m pytest -q -m 'not network' tests
+	$(PY) -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) runs

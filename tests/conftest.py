@@ -11,6 +11,17 @@ from tftransfer.backbones import TINY_RESNET_SPEC
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Hermetic tests: every HTTP(S) download (keras-hub presets via kagglehub,
+# Hugging Face, TFDS) goes through a proxy on a closed loopback port, so the
+# "offline" paths fail the same way at once whether or not the machine has
+# internet, and no test ever reaches outside the machine. Loopback stays
+# direct (no_proxy): multi-worker tests talk gRPC over 127.0.0.1.
+UNREACHABLE_PROXY = "http://127.0.0.1:9"
+for _var in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
+    os.environ[_var] = UNREACHABLE_PROXY
+for _var in ("NO_PROXY", "no_proxy"):
+    os.environ[_var] = "localhost,127.0.0.1,::1"
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_RESNET = TINY_RESNET_SPEC
@@ -28,7 +39,8 @@ backbone:
   image_size: 16
 data:
   source: digits
-  digits: {classes: [0, 1, 2], train_per_class: 20}
+  digits: {classes: [0, 1, 2]}
+  train_per_class: 20
   batch_size: 20
 train: {epochs: 2, optimizer: adam, verbose: 0}
 """

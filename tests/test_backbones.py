@@ -79,7 +79,7 @@ def test_unknown_preset_name_and_missing_directory_are_user_errors():
 
 
 def test_builtin_preset_offline_says_download_failed():
-    # A real preset name: needs network, which the test machines do not have.
+    # A real preset name: its download goes through conftest's unreachable proxy.
     with pytest.raises(UserError) as e:
         backbones.load_backbone("resnet_18_imagenet")
     assert "download" in str(e.value) and "local preset directory" in str(e.value)

@@ -40,3 +40,35 @@ def test_multi_task_model_outputs_every_head_and_trains():
     assert {"digit_accuracy", "tags_auc", "size_mae"} <= set(history.history)
     out = model(x)
     assert out["digit"].shape == (4, 4) and out["tags"].shape == (4, 3) and out["size"].shape == (4, 1)
+
+
+def test_unused_bert_pooler_is_frozen_so_fit_warns_nothing(tiny_bert):
+    import warnings
+
+    import keras
+    import numpy as np
+
+    import tftransfer
+    from tftransfer.callbacks import ProgressiveUnfreezing
+    from tftransfer.heads import HeadSpec
+
+    loaded = tftransfer.load_backbone(spec=tiny_bert, sequence_length=8)
+    heads = [HeadSpec(num_classes=2, pooling="mean")]
+    model = tftransfer.build_model(loaded, heads)
+    pooler = loaded.model.get_layer("pooled_dense")
+    assert not pooler.trainable
+    assert all(pooler not in g.layers for g in loaded.layer_groups)
+    tftransfer.compile_for_heads(model, heads, "adam")
+    x = {"token_ids": np.full((4, 8), 5, "int32"), "segment_ids": np.zeros((4, 8), "int32"),
+         "padding_mask": np.ones((4, 8), "int32")}
+    kernel = pooler.kernel.numpy().copy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, {"label": np.array([0, 1, 0, 1])}, epochs=1, verbose=0,
+                  callbacks=[ProgressiveUnfreezing(loaded.layer_groups, schedule="all")])
+    assert not [w for w in caught if "Gradients do not exist" in str(w.message)]
+    np.testing.assert_array_equal(kernel, pooler.kernel.numpy())
+    # cls pooling reads the pooler: it trains.
+    loaded_cls = tftransfer.load_backbone(spec=tiny_bert, sequence_length=8)
+    tftransfer.build_model(loaded_cls, [HeadSpec(num_classes=2)])
+    assert loaded_cls.model.get_layer("pooled_dense").trainable

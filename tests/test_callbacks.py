@@ -577,3 +577,50 @@ def test_mirrored_two_replicas_match_one_device(tmp_path):
     for key in ("unfrozen_groups", "lr_stem", "lr_stack1", "lr_head"):
         np.testing.assert_allclose(result["h2"][key], result["h1"][key], rtol=1e-6)
     np.testing.assert_allclose(result["h2"]["loss"], result["h1"]["loss"], rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# Pacing: gradual unfreezing that fits the epoch budget
+# ---------------------------------------------------------------------------
+
+
+def test_gradual_interval_is_ulmfit_when_epochs_allow_and_paced_otherwise():
+    from tftransfer.callbacks import gradual_interval
+
+    assert gradual_interval(3, epochs=10, steps_per_epoch=4) is None  # 10 >= 2 x 3: one per epoch
+    assert gradual_interval(7, epochs=10, steps_per_epoch=14) == 10  # 140 steps / 14
+    assert gradual_interval(7, epochs=10, steps_per_epoch=14, every="epoch") is None
+    assert gradual_interval(7, epochs=10, steps_per_epoch=None) is None
+    assert gradual_interval(40, epochs=1, steps_per_epoch=3) == 1
+
+
+def test_seven_group_backbone_gradual_over_ten_epochs_trains_every_group(caplog):
+    keras.utils.set_random_seed(0)
+    spec = {"architecture": "bert", "vocabulary": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c"],
+            "num_layers": 6, "num_heads": 1, "hidden_dim": 8, "intermediate_dim": 8, "max_sequence_length": 8}
+    loaded = tftransfer.load_backbone(spec=spec, sequence_length=8)
+    assert len(loaded.layer_groups) == 7
+    model = tftransfer.build_model(loaded, [HeadSpec(num_classes=2, pooling="cls")])
+    model.compile(keras.optimizers.Adam(1e-2), loss=LOSS)
+    rng = np.random.default_rng(0)
+    x = {"token_ids": rng.integers(5, 8, (8, 8)).astype("int32"), "segment_ids": np.zeros((8, 8), "int32"),
+         "padding_mask": np.ones((8, 8), "int32")}
+    y = {"label": rng.integers(0, 2, 8)}
+    before = {g.name: snapshot(g.layers) for g in loaded.layer_groups}
+    callback = ProgressiveUnfreezing(loaded.layer_groups, schedule="gradual", every="auto")
+    history = model.fit(x, y, batch_size=4, epochs=10, verbose=0, callbacks=[callback])  # 2 steps an epoch
+    assert [int(v) for v in history.history["unfrozen_groups"]][-5:] == [7] * 5  # all in by the half
+    for group in loaded.layer_groups:
+        assert not same(before[group.name], snapshot(group.layers)), group.name
+    # One per epoch (ULMFiT's pace) over 5 epochs never reaches the bottom groups, and says so.
+    loaded2 = tftransfer.load_backbone(spec=spec, sequence_length=8)
+    model2 = tftransfer.build_model(loaded2, [HeadSpec(num_classes=2, pooling="cls")])
+    model2.compile(keras.optimizers.Adam(1e-2), loss=LOSS)
+    with caplog.at_level("WARNING", logger="tftransfer.callbacks"):
+        model2.fit(x, y, batch_size=4, epochs=5, verbose=0, callbacks=[ProgressiveUnfreezing(
+            loaded2.layer_groups, schedule="gradual", every="epoch", lr_decay=1 / 2.6)])
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("embeddings, transformer_layer_0, transformer_layer_1 unfreeze only after the run's 5 epochs"
+               in line for line in lines), lines
+    assert any("embeddings, transformer_layer_0 train at less than 0.005 of the head's learning rate"
+               in line for line in lines), lines

@@ -1,3 +1,4 @@
+import re
 import glob
 import os
 
@@ -56,7 +57,7 @@ def test_dotted_overrides_apply_before_validation():
 
 
 def test_exactly_one_backbone_source():
-    with pytest.raises(UserError, match="exactly one of preset, spec, keras_application"):
+    with pytest.raises(UserError, match="exactly one of backbone.preset, backbone.spec, backbone.keras_application"):
         config_lib.load_config(text="backbone: {preset: x, keras_application: ResNet50}\n")
 
 
@@ -78,3 +79,25 @@ def test_every_shipped_config_validates_and_documents_itself(path):
     assert head[0].startswith("#"), f"{path} must open with a comment"
     for word in ("purpose", "command", "expected"):
         assert word in comment, f"{path}: opening comment must state the {word}"
+
+
+def test_numeric_ranges_scientific_notation_yaml_position_and_missing_backbone(tmp_path):
+    base = "backbone: {preset: x}\n"
+    for override, message in [
+        ("data.eval_batch_size=-1", "data.eval_batch_size must be >= 1"),
+        ("data.shuffle_buffer=0", "data.shuffle_buffer must be >= 1"),
+        ("heads.0.label_smoothing=1.0", "heads.0.label_smoothing must be in [0, 1)"),
+        ("train.steps_per_epoch=0", "train.steps_per_epoch must be >= 1"),
+        ("train.learning_rate=.inf", "train.learning_rate must be a finite number > 0"),
+        ("train.keep=median", "train.keep must be one of best, last"),
+        ("train.unfreeze.every=0", "train.unfreeze.every must be auto, epoch or an integer >= 1"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            config_lib.load_config(text=base, overrides=[override])
+    # YAML 1.1 reads 2e-5 as a string; we read the number, in files and overrides.
+    assert config_lib.load_config(text=base + "train: {learning_rate: 2e-5}\n").train.learning_rate == 2e-5
+    assert config_lib.load_config(text=base, overrides=["train.learning_rate=3E-4"]).train.learning_rate == 3e-4
+    with pytest.raises(UserError, match=r"not valid YAML at line 2, column \d+: .*fix the file there"):
+        config_lib.load_config(text=base + "train: {epochs: [1, 2}\n")
+    with pytest.raises(UserError, match=r"^backbone: set exactly one of backbone.preset.*\(got none\)"):
+        config_lib.load_config(text="train: {epochs: 1}\n")

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,6 +10,8 @@ import tensorflow as tf
 from tftransfer import data
 from tftransfer.errors import UserError
 from tftransfer.heads import HeadSpec
+
+from conftest import REPO, TINY_DIGITS_YAML, run_cli
 
 
 def _write_png(path, value, size=(10, 12)):
@@ -32,7 +37,18 @@ def test_digits_few_shot_split_is_disjoint_and_relabelled():
     assert sorted(np.bincount(y.numpy())) == [4, 4, 4]
     vx, _ = next(iter(d.validation.dataset.batch(1000)))
     train_set = {bytes(a) for a in x.numpy().astype("uint8")}
-    assert not any(bytes(a) in train_set for a in vx.numpy().astype("uint8")[:50]) or True
+    shared = [bytes(a) for a in vx.numpy().astype("uint8") if bytes(a) in train_set]
+    # Disjoint by example: a validation image may equal a training image only
+    # where scikit-learn's digits themselves hold that image more than once.
+    from collections import Counter
+
+    from sklearn.datasets import load_digits
+
+    source = load_digits()
+    counts = Counter(bytes(np.repeat((img * (255.0 / 16.0)).astype("float32")[..., None], 3, -1).astype("uint8"))
+                     for img, t in zip(source.images, source.target) if t in (5, 6, 7))
+    assert all(counts[b] > 1 for b in shared), len(shared)
+    assert d.validation.num_examples == int(np.isin(source.target, [5, 6, 7]).sum()) - 12
     assert d.validation.num_examples == vx.shape[0] > 400
     with pytest.raises(UserError, match="leaves no validation images"):
         data.load_digits(classes=[1], train_per_class=1000)
@@ -97,11 +113,63 @@ def _csv(tmp_path, name, text):
 
 def test_tfds_by_name_and_split_with_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
-    with tfds.testing.mock_data(num_examples=6):
-        d = data.load_tfds("tf_flowers", train_split="train[:50%]", validation_split="train[50%:]")
+    with tfds.testing.mock_data(num_examples=6):  # mock: nothing to download or prepare
+        d = data.load_tfds("tf_flowers", train_split="train[:50%]", validation_split="train[50%:]",
+                           download=False)
         assert d.modality == "image" and len(d.class_names) == 5
         x, y = next(iter(d.train.dataset))
         assert x.dtype == tf.float32 and x.shape[-1] == 3 and y.dtype == tf.int32
+
+
+def test_tfds_prepared_locally_trains_through_the_cli(tmp_path):
+    """A real TFDS builder prepared in data.data_dir: no mock, no network, the env `make` builds."""
+    pytest.importorskip("tensorflow_datasets")
+    data_dir = tmp_path / "tfds"
+    prepare = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import tiny_tfds_builder as t; "
+         "t.TinyShapes(data_dir=sys.argv[2]).download_and_prepare()",
+         os.path.join(REPO, "tests", "fixtures"), str(data_dir)],
+        capture_output=True, text=True, timeout=300)
+    assert prepare.returncode == 0, prepare.stderr[-2000:]
+    config = tmp_path / "c.yaml"
+    config.write_text(TINY_DIGITS_YAML.split("data:")[0] + f"""
+data: {{source: tfds, name: tiny_shapes, data_dir: {data_dir}, train_split: train, validation_split: test,
+        batch_size: 12, train_per_class: 5}}
+train: {{epochs: 1, verbose: 0}}
+export: {{saved_model: false}}
+""")
+    W = tmp_path / "w"
+    result = run_cli("tftransfer.train", f"--config={config}", f"--workdir={W}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.load(open(W / "metrics.json"))
+    assert metrics["num_train_examples"] == 15 and metrics["num_validation_examples"] == 12  # 5-shot x 3
+    ids = json.load(open(W / "train_ids.json"))
+    assert ids["train_per_class"] == 5 and len(ids["ids"]) == 15
+    tfds = pytest.importorskip("tensorflow_datasets")
+    prepared = tfds.builder("tiny_shapes", data_dir=str(data_dir)).as_dataset(split="train", shuffle_files=False)
+    all_labels = [int(ex["label"]) for ex in prepared.as_numpy_iterator()]
+    assert sorted(all_labels[i] for i in ids["ids"]) == [0] * 5 + [1] * 5 + [2] * 5
+    heads = json.load(open(W / "heads.json"))
+    assert heads["heads"][0]["class_names"] == ["bright", "dark", "striped"]
+
+
+def test_tfds_offline_download_fails_fast_with_one_line(tmp_path, monkeypatch):
+    """An unprepared dataset whose download host is unreachable: one line at once, no minutes of retries."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import socket
+    import time
+
+    def unreachable(address, *args, **kwargs):
+        raise OSError(f"[Errno -2] Name or service not known: {address[0]}")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare",
+                        lambda *a, **k: pytest.fail("downloaded although the host is unreachable"))
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"data.name 'tf_flowers' is not prepared in .* download host "
+                                         r"download.tensorflow.org is unreachable.*data.data_dir"):
+        data.load_tfds("tf_flowers", data_dir=str(tmp_path / "empty"))
+    assert time.perf_counter() - start < 30
 
 
 def test_pipeline_global_batch_and_one_hot_targets():
@@ -114,3 +182,85 @@ def test_pipeline_global_batch_and_one_hot_targets():
     ds = data.make_pipeline(d.train, loaded.preprocessor, "image", heads, global_batch_size=8, training=True)
     x, y = next(iter(ds))
     assert x.shape == (8, 16, 16, 3) and y["label"].shape == (8, 2)
+
+
+@pytest.mark.parametrize("fmt, content, message", [
+    ("jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 1.0}\n{"text": "c", "label": "1"}\n',
+     r"labels in 'label' mix types: int 1 \(row 0\), float 1.0 \(row 1\), str '1' \(row 2\)"),
+    ("jsonl", '{"text": "a", "label": true}\n{"text": "b", "label": 0}\n', "mix types: bool True"),
+    ("csv", "text,label\na,pos\nb,\n", r"example 2: no label in 'label'"),
+    ("jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": null}\n', r"example 2: no label in 'label'"),
+    ("csv", "text,label\na,pos\nb,pos\n", r"every label in 'label' is 'pos'; classification needs at least two"),
+])
+def test_degenerate_labels_are_refused(tmp_path, fmt, content, message):
+    path = tmp_path / f"train.{fmt}"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        data.load_text_file(fmt, str(path))
+
+
+def test_validation_label_never_seen_in_training_and_non_utf8_and_non_finite_targets(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\na,pos\nb,neg\n")
+    (tmp_path / "val.csv").write_text("text,label\nc,pos\nd,maybe\n")
+    with pytest.raises(UserError, match=r"label\(s\) \['maybe'\] never occur in data.train_path"):
+        data.load_text_file("csv", str(tmp_path / "train.csv"), str(tmp_path / "val.csv"))
+    (tmp_path / "latin1.csv").write_bytes("text,label\ngood,pos\ncaf\xe9,neg\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.csv' line 3: not UTF-8 text \(byte 0xe9\); re-save"):
+        data.load_text_file("csv", str(tmp_path / "latin1.csv"))
+    (tmp_path / "bom.csv").write_bytes("text,label\ngood,pos\nbad,neg\n".encode("utf-8-sig"))
+    assert data.load_text_file("csv", str(tmp_path / "bom.csv")).class_names == ["neg", "pos"]
+    (tmp_path / "reg.csv").write_text("text,label\na,1.5\nb,nan\n")
+    with pytest.raises(UserError, match=r"regression label 'nan' is not finite"):
+        data.load_text_file("csv", str(tmp_path / "reg.csv"), label_type="regression")
+
+
+def _kshot_labels(cfg_text, seed, tmp_path):
+    from tftransfer import config as config_lib
+    from tftransfer import experiment
+
+    cfg = config_lib.load_config(text=cfg_text, overrides=[f"train.seed={seed}"])
+    loaded = experiment.load_data(cfg)
+    labels = [int(y) for _, y in loaded.train.dataset.as_numpy_iterator()]
+    return loaded, labels
+
+
+def test_kshot_on_csv_and_image_folder_through_the_cli_and_by_seed(tmp_path_factory, image_folder):
+    tmp_path = tmp_path_factory.mktemp("kshot")  # image_folder is its own tmp dir: keep it clean
+    rows = "".join(f"{w} {i},{w}\n" for i in range(6) for w in ("good", "bad", "meh"))
+    (tmp_path / "t.csv").write_text("text,label\n" + rows)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "meh"]
+    text_cfg = f"""
+backbone:
+  spec: {{architecture: bert, vocabulary: {vocab}, num_layers: 1, num_heads: 1, hidden_dim: 8,
+         intermediate_dim: 8, max_sequence_length: 8}}
+  sequence_length: 8
+data: {{source: csv, train_path: {tmp_path / 't.csv'}, train_per_class: 2, batch_size: 6}}
+train: {{epochs: 1, verbose: 0}}
+export: {{saved_model: false}}
+"""
+    loaded, labels = _kshot_labels(text_cfg, 0, tmp_path)
+    assert sorted(labels) == [0, 0, 1, 1, 2, 2] and loaded.train.num_examples == 6
+    again, _ = _kshot_labels(text_cfg, 0, tmp_path)
+    other, _ = _kshot_labels(text_cfg, 1, tmp_path)
+    assert again.train_ids == loaded.train_ids and other.train_ids != loaded.train_ids
+    config = tmp_path / "text.yaml"
+    config.write_text(text_cfg)
+    result = run_cli("tftransfer.train", f"--config={config}", f"--workdir={tmp_path / 'wt'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.load(open(tmp_path / "wt" / "train_ids.json"))["ids"] == loaded.train_ids
+    # Image folder (2 classes x 3 images), through the CLI; too few examples is named.
+    image_cfg = TINY_DIGITS_YAML.split("data:")[0] + f"""
+data: {{source: image_folder, train_path: {image_folder}, train_per_class: 2, batch_size: 4}}
+train: {{epochs: 1, verbose: 0}}
+export: {{saved_model: false}}
+"""
+    config = tmp_path / "image.yaml"
+    config.write_text(image_cfg)
+    result = run_cli("tftransfer.train", f"--config={config}", f"--workdir={tmp_path / 'wi'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ids = json.load(open(tmp_path / "wi" / "train_ids.json"))["ids"]
+    assert len(ids) == 4 and sorted(i // 3 for i in ids) == [0, 0, 1, 1]  # files sorted: cat 0-2, dog 3-5
+    with pytest.raises(UserError, match=r"data.train_per_class=4: class 'cat' has only 3 training example"):
+        _kshot_labels(image_cfg.replace("train_per_class: 2", "train_per_class: 4"), 0, tmp_path)
+    with pytest.raises(UserError, match=r"data.digits.train_per_class moved to data.train_per_class"):
+        _kshot_labels("backbone: {preset: x}\ndata: {digits: {train_per_class: 3}}\n", 0, tmp_path)

@@ -278,7 +278,8 @@ backbone:
 heads: [{name: label, label_smoothing: 0.1}]
 data:
   source: digits
-  digits: {classes: [0, 1, 2], train_per_class: 20}
+  digits: {classes: [0, 1, 2]}
+  train_per_class: 20
   batch_size: 20
 train: {epochs: 2, optimizer: adam, verbose: 0}
 distill:

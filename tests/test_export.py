@@ -130,13 +130,29 @@ FRESH_PROCESS = textwrap.dedent("""
     import tensorflow_text  # TF Serving needs the TF Text ops too
     full = tf.saved_model.load(spec["text"]).signatures["serving_default"]
     out["text_raw"] = full(text=tf.constant(spec["sentences"]))["probabilities"].numpy()
+    # Empty requests on every signature: empty outputs, never a kernel error
+    # (oneDNN's fused Conv2D + BatchNorm fails on zero rows).
+    empty_ids = {k: tf.zeros((0, data["token_ids"].shape[1]), tf.int32) for k in ids}
+    empty = {
+        "image_raw": image.signatures["serving_default"](image_bytes=tf.constant([], tf.string)),
+        "image_pre": image.signatures["serve_preprocessed"](image=tf.zeros((0,) + data["image_x"].shape[1:])),
+        "multi": tf.saved_model.load(spec["multi"]).signatures["serving_default"](
+            image_bytes=tf.constant([], tf.string)),
+        "twin_default": twin.signatures["serving_default"](**empty_ids),
+        "twin_pre": twin.signatures["serve_preprocessed"](**empty_ids),
+        "text_raw": full(text=tf.constant([], tf.string)),
+    }
+    empty = {sig: {k: [list(v.shape), v.dtype.name] for k, v in o.items()} for sig, o in empty.items()}
     np.savez(spec["result"], **out)
     print(json.dumps({"imported_before_text": before, "class_names": names,
-                      "multi_keys": sorted(multi)}))
+                      "multi_keys": sorted(multi), "empty": empty}))
 """)
 
 
-def test_fresh_process_plain_tensorflow_gets_same_predictions(image, text, multitask, tmp_path):
+# TensorFlow reads TF_ENABLE_ONEDNN_OPTS when it loads: each setting needs its
+# own process. Forcing both makes the result independent of this machine's CPU.
+@pytest.mark.parametrize("onednn", ["1", "0"], ids=["onednn_on", "onednn_off"])
+def test_fresh_process_plain_tensorflow_gets_same_predictions(image, text, multitask, tmp_path, onednn):
     contents = encoded_images()
     paths = []
     for i, c in enumerate(contents):
@@ -154,6 +170,7 @@ def test_fresh_process_plain_tensorflow_gets_same_predictions(image, text, multi
     script = tmp_path / "fresh.py"
     script.write_text(FRESH_PROCESS)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_ENABLE_ONEDNN_OPTS"] = onednn
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "spec.json")],
                           capture_output=True, text=True, cwd=str(tmp_path), env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -184,6 +201,21 @@ def test_fresh_process_plain_tensorflow_gets_same_predictions(image, text, multi
     np.testing.assert_allclose(got["multi_tags_probabilities"], tags, atol=PARITY, rtol=0)
     np.testing.assert_array_equal(got["multi_tags_labels"], tags > 0.5)
     np.testing.assert_allclose(got["multi_weight_values"], np.asarray(outputs["weight"]), atol=PARITY, rtol=0)
+
+    empty = report["empty"]
+    for sig in ("image_raw", "image_pre"):
+        assert empty[sig]["probabilities"] == [[0, 3], "float32"], sig
+        assert empty[sig]["class_id"] == [[0], "int32"], sig
+        assert empty[sig]["top_k_class_ids"] == [[0, 3], "int32"], sig
+    assert empty["image_raw"]["class_name"] == [[0], "string"]
+    assert empty["image_raw"]["top_k_class_names"] == [[0, 3], "string"]
+    assert empty["multi"]["species_probabilities"] == [[0, 7], "float32"]
+    assert empty["multi"]["species_top_k_probabilities"] == [[0, 5], "float32"]
+    assert empty["multi"]["tags_labels"] == [[0, 4], "bool"]
+    assert empty["multi"]["weight_values"] == [[0, 1], "float32"]
+    for sig in ("twin_default", "twin_pre", "text_raw"):
+        assert empty[sig]["probabilities"] == [[0, 2], "float32"], sig
+        assert empty[sig]["top_k_class_ids"] == [[0, 2], "int32"], sig
 
 
 # ---------------------------------------------------------------------------
@@ -284,10 +316,18 @@ def test_bad_image_bytes_are_invalid_argument_then_next_request_works(image, bad
     assert out["probabilities"].shape == (2, 3)
 
 
-def test_empty_batches_return_empty_outputs(image, text):
+def test_empty_batches_return_empty_outputs(image, text, multitask):
     out = image["serving"].signatures["serving_default"](image_bytes=tf.constant([], tf.string))
     assert out["probabilities"].shape == (0, 3)
     assert out["class_name"].shape == (0,)
+    out = image["serving"].signatures["serve_preprocessed"](image=tf.zeros((0, 32, 32, 3)))
+    assert out["probabilities"].shape == (0, 3) and out["class_id"].dtype == tf.int32
+    out = tf.saved_model.load(multitask["path"]).signatures["serving_default"](
+        image_bytes=tf.constant([], tf.string))
+    assert out["species_probabilities"].shape == (0, 7) and out["weight_values"].shape == (0, 1)
+    twin = tf.saved_model.load(text["twin"]).signatures["serving_default"]
+    out = twin(**{k: tf.zeros((0, 16), tf.int32) for k in ("token_ids", "segment_ids", "padding_mask")})
+    assert out["probabilities"].shape == (0, 2)
     out = text["serving"].signatures["serving_default"](text=tf.constant([], tf.string))
     assert out["probabilities"].shape == (0, 2)
     # An empty sentence is valid text: [CLS] [SEP] and padding.

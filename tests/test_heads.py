@@ -33,6 +33,13 @@ def test_image_max_vs_avg_pooling_differ():
     mx = builders.build_model(loaded, [HeadSpec(pooling="max")])
     assert isinstance(avg.get_layer("label_pool"), keras.layers.GlobalAveragePooling2D)
     assert isinstance(mx.get_layer("label_pool"), keras.layers.GlobalMaxPooling2D)
+    # The pooled features themselves: max >= mean everywhere, and not equal.
+    features = np.asarray(loaded.model(x, training=False))
+    pooled_avg = np.asarray(keras.Model(avg.inputs, avg.get_layer("label_pool").output)(x))
+    pooled_max = np.asarray(keras.Model(mx.inputs, mx.get_layer("label_pool").output)(x))
+    np.testing.assert_allclose(pooled_avg, features.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pooled_max, features.max(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    assert np.all(pooled_max >= pooled_avg - 1e-6) and not np.allclose(pooled_max, pooled_avg)
     with pytest.raises(UserError, match="pooling for an image backbone"):
         builders.build_model(loaded, [HeadSpec(pooling="cls")])
 

@@ -1,4 +1,4 @@
-"""`python -m tftransfer.train` end to end, resume, and the bad-input catalogue."""
+"""`python -m tftransfer.train` end to end, resume, epoch selection, divergence (bad inputs: test_bad_inputs.py)."""
 
 import json
 import os
@@ -16,18 +16,6 @@ def _config(tmp_path, text=TINY_DIGITS, name="c.yaml"):
     path = tmp_path / name
     path.write_text(text)
     return str(path)
-
-
-def _assert_user_error(result, workdir, *fragments):
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
-    assert "Traceback" not in result.stderr
-    assert lines[-1].startswith("error: ") and sum(l.startswith("error:") for l in lines) == 1
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
-    assert not os.path.exists(os.path.join(workdir, "metrics.json"))
-    assert not os.path.exists(os.path.join(workdir, "config.yaml"))
-    assert not os.path.exists(os.path.join(workdir, "export"))
 
 
 def test_train_end_to_end_writes_the_work_dir_contract(tmp_path):
@@ -82,31 +70,6 @@ def test_helpfull_lists_flags():
         assert flag in result.stdout
 
 
-BAD_INPUTS = {
-    "unknown_key": ("train: {epochz: 3}", [], ["'train.epochz'", "Did you mean 'epochs'"]),
-    "wrong_type": ("train: {epochs: many}", [], ["train.epochs: wrong type", "Expected int"]),
-    "missing_data_path": ("data: {source: image_folder, train_path: /no/such/dir}", [],
-                          ["data.train_path", "no such directory"]),
-    "num_classes_disagrees": ("heads: [{num_classes: 7}]", [], ["num_classes=7 disagrees", "3 classes"]),
-    "preset_offline": ("", ["--config.backbone.spec=null", "--config.backbone.preset=resnet_18_imagenet"],
-                       ["resnet_18_imagenet", "download"]),
-    "unknown_flag": ("", ["--epochs=3"], ["Unknown command line flag 'epochs'"]),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_exits_2_with_one_line_and_no_work_dir(tmp_path, case):
-    extra_yaml, flags, fragments = BAD_INPUTS[case]
-    text = TINY_DIGITS + extra_yaml + "\n" if extra_yaml else TINY_DIGITS
-    if extra_yaml.startswith("train:"):
-        text = TINY_DIGITS.replace("train: {epochs: 2, optimizer: adam, verbose: 0}", extra_yaml)
-    if extra_yaml.startswith("data:"):
-        text = TINY_DIGITS.split("data:")[0] + extra_yaml + "\n"
-    W = str(tmp_path / "w")
-    result = run_cli("tftransfer.train", f"--config={_config(tmp_path, text)}", f"--workdir={W}", *flags)
-    _assert_user_error(result, W, *fragments)
-
-
 def _text_config(tmp_path, rows, extra=""):
     csv_path = tmp_path / "train.csv"
     csv_path.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in rows))
@@ -121,33 +84,23 @@ train: {{epochs: 1, verbose: 0}}
 {extra}""")
 
 
-def test_label_outside_num_classes(tmp_path):
-    config = _text_config(tmp_path, [("good", 0), ("bad", 1), ("good", 4)], "heads: [{num_classes: 2}]")
-    W = str(tmp_path / "w")
-    _assert_user_error(run_cli("tftransfer.train", f"--config={config}", f"--workdir={W}"), W,
-                       "label 4 is outside heads.0.num_classes=2")
+def test_empty_validation_split_is_refused(tmp_path, monkeypatch):
+    """Any source whose validation split comes out empty (e.g. a TFDS slice) is refused up front."""
+    import tensorflow as tf
 
+    from tftransfer import config as config_lib
+    from tftransfer import data as data_lib
+    from tftransfer import experiment
+    from tftransfer.errors import UserError
 
-def test_empty_dataset(tmp_path):
-    config = _text_config(tmp_path, [])
-    W = str(tmp_path / "w")
-    _assert_user_error(run_cli("tftransfer.train", f"--config={config}", f"--workdir={W}"), W,
-                       "holds no examples")
+    def empty(n):
+        return data_lib.Split(tf.data.Dataset.from_tensor_slices((["good"] * n, [0] * n)), n)
 
-
-def test_undecodable_image_names_the_file(tmp_path):
-    from PIL import Image
-
-    root = tmp_path / "images"
-    for name in ("a", "b"):
-        (root / name).mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(np.full((8, 8, 3), 40 * i, "uint8")).save(root / name / f"{i}.png")
-    (root / "b" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    text = TINY_DIGITS.split("data:")[0] + f"data: {{source: image_folder, train_path: {root}}}\n"
-    W = str(tmp_path / "w")
-    _assert_user_error(run_cli("tftransfer.train", f"--config={_config(tmp_path, text)}", f"--workdir={W}"),
-                       W, "corrupt.png", "does not decode")
+    monkeypatch.setattr(data_lib, "load_text_file", lambda *a, **k: data_lib.LabelledData(
+        "text", empty(4), empty(0), ["a", "b"]))
+    cfg = config_lib.load_config(_text_config(tmp_path, [("good", 0), ("bad", 1)]), [])
+    with pytest.raises(UserError, match="validation split of source csv is empty"):
+        experiment.load_data(cfg)
 
 
 def test_evaluate_entrypoint_reproduces_training_metrics(tmp_path):
@@ -161,3 +114,90 @@ def test_evaluate_entrypoint_reproduces_training_metrics(tmp_path):
     assert abs(report["metrics"]["accuracy"] - trained["accuracy"]) < 1e-6
     missing = run_cli("tftransfer.evaluate", f"--workdir={tmp_path / 'none'}")
     assert missing.returncode == 2 and "no model.keras" in missing.stderr
+
+
+def test_short_scratch_run_ships_best_epoch_with_matching_batchnorm_statistics(tmp_path):
+    """train.keep=best + precise BN: the numbers in metrics.json describe model.keras and the export."""
+    import keras
+    import tensorflow as tf
+
+    from tftransfer import bn_stats, experiment, workdir
+    from tftransfer import config as config_lib
+    from tftransfer.data import make_pipeline
+    from tftransfer.export import load_serving_assets
+
+    W = str(tmp_path / "w")
+    result = run_cli("tftransfer.train", f"--config={_config(tmp_path)}", f"--workdir={W}",
+                     "--config.backbone.load_weights=false", "--config.train.epochs=3",
+                     "--config.train.learning_rate=0.01")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "recomputed BatchNorm statistics" in result.stderr
+    metrics = json.load(open(os.path.join(W, "metrics.json")))
+    record = json.load(open(os.path.join(W, "history.json")))
+    assert [e["epoch"] for e in metrics["history"]] == [1, 2, 3] and metrics["epochs"] == 3
+    assert metrics["keep"] == "best" and metrics["selected_epoch"] == record["best_epoch"]
+    assert metrics["bn_stats"]["recomputed"] and metrics["bn_stats"]["batches"] == 3
+
+    cfg = config_lib.load_config(os.path.join(W, "config.yaml"), [])
+    labelled = experiment.load_data(cfg)
+    heads = experiment.resolve_heads(cfg, labelled)
+    assets = load_serving_assets(W)
+    model = workdir.load_model(os.path.join(W, "model.keras"))
+    # The shipped weights are the best epoch's (BatchNorm statistics aside, which were recomputed).
+    best = keras.models.clone_model(model)
+    best.load_weights(os.path.join(W, "checkpoints", "best.weights.h5"))
+    stats = {id(v) for l in bn_stats.batchnorm_layers(model) for v in (l.moving_mean, l.moving_variance)}
+    for v, b in zip(model.weights, best.weights):
+        if id(v) not in stats:
+            np.testing.assert_array_equal(v.numpy(), b.numpy(), err_msg=v.path)
+    # Saved statistics are the recomputed ones: recomputing again changes nothing.
+    saved = bn_stats.snapshot(model)
+    train_batches = make_pipeline(labelled.train, assets.preprocessor, "image", heads, cfg.data.batch_size,
+                                  training=False, cache=False)
+    bn_stats.recompute(model, train_batches)
+    for path, (mean, var) in bn_stats.snapshot(model).items():
+        np.testing.assert_allclose(mean, saved[path][0], rtol=1e-5, atol=1e-6, err_msg=path)
+        np.testing.assert_allclose(var, saved[path][1], rtol=1e-5, atol=1e-6, err_msg=path)
+    # The reported validation accuracy is that of model.keras and of the export.
+    val = make_pipeline(labelled.validation, assets.preprocessor, "image", heads, 64, training=False, cache=False)
+    xs, ys = zip(*[(x.numpy(), y["label"].numpy()) for x, y in val])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    y = y.argmax(-1) if y.ndim == 2 else y
+    keras_acc = float(np.mean(np.asarray(model(x, training=False)["label"]).argmax(-1) == y))
+    serving = tf.saved_model.load(os.path.join(W, "export", "1")).signatures["serve_preprocessed"]
+    export_acc = float(np.mean(serving(image=tf.constant(x))["class_id"].numpy() == y))
+    assert abs(keras_acc - metrics["validation"]["accuracy"]) < 1e-6
+    assert abs(export_acc - metrics["validation"]["accuracy"]) < 1e-6
+
+
+def test_diverged_training_stops_with_one_line_and_ships_nothing(tmp_path):
+    W = str(tmp_path / "w")
+    result = run_cli("tftransfer.train", f"--config={_config(tmp_path)}", f"--workdir={W}",
+                     "--config.train.optimizer=sgd", "--config.train.learning_rate=1e9")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged: the loss grew to "), last
+    assert "at epoch 1, step 2; lower train.learning_rate" in last
+    for name in ("metrics.json", "model.keras", "export", os.path.join("checkpoints", "best.weights.h5")):
+        assert not os.path.exists(os.path.join(W, name)), name
+
+
+def test_export_refuses_non_finite_weights(tmp_path):
+    import keras
+
+    import tftransfer
+    from tftransfer.errors import UserError
+    from tftransfer.export import export_saved_model
+    from tftransfer.heads import HeadSpec
+
+    from conftest import TINY_RESNET
+
+    loaded = tftransfer.load_backbone(spec=dict(TINY_RESNET), image_size=16)
+    heads = [HeadSpec(num_classes=2)]
+    model = tftransfer.build_model(loaded, heads)
+    kernel = model.get_layer("label").kernel
+    kernel.assign(keras.ops.full(kernel.shape, float("nan")))
+    with pytest.raises(UserError, match=r"export: weight .*label.* is not finite"):
+        export_saved_model(model, loaded.preprocessor, "image", heads, str(tmp_path / "export"))
+    assert not os.path.exists(tmp_path / "export")  # refused before anything is written

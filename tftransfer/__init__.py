@@ -1,40 +1,39 @@
 """tftransfer: transfer learning from foundation models with Keras 3 / TensorFlow.
 
-Public API (explicit re-exports; nothing registers itself by import side effect
-except the Keras-serializable classes that saved models need: HFBertBackbone,
-SlantedTriangular).
+Public API, re-exported lazily (PEP 562): `import tftransfer` loads neither
+TensorFlow nor Keras and changes nothing in the process, so an entrypoint
+can set up logging before TensorFlow starts; `tftransfer.load_backbone`
+(or any name below, or a submodule such as `tftransfer.distill`) imports
+what it needs on first use. Keras-serializable classes register themselves
+where they are defined; `tftransfer.workdir.load_model` imports them before
+loading a saved model.
 """
 
-import os as _os
-
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from tftransfer.backbones import LayerGroup, LoadedBackbone, load_backbone, save_backbone_preset  # noqa: E402
-from tftransfer.builders import build_model, compile_for_heads  # noqa: E402
-from tftransfer.callbacks import ProgressiveUnfreezing  # noqa: E402
-from tftransfer.config import ExperimentConfig, load_config  # noqa: E402
-from tftransfer.errors import UserError  # noqa: E402
-from tftransfer.export import export_saved_model  # noqa: E402
-from tftransfer.fine_tune import fine_tune  # noqa: E402
-from tftransfer.heads import HeadSpec  # noqa: E402
-from tftransfer import hf_bert  # noqa: E402,F401  (registers HFBertBackbone: saved text models load after import)
-from tftransfer.schedules import SlantedTriangular  # noqa: E402  (saved models using it load after import)
+from tftransfer.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ExperimentConfig",
-    "HeadSpec",
-    "LayerGroup",
-    "LoadedBackbone",
-    "ProgressiveUnfreezing",
-    "SlantedTriangular",
-    "UserError",
-    "build_model",
-    "compile_for_heads",
-    "export_saved_model",
-    "fine_tune",
-    "load_backbone",
-    "load_config",
-    "save_backbone_preset",
-]
+# Public name -> the module that defines it. (`fine_tune` is reached as the
+# module `tftransfer.fine_tune`, whose function is `tftransfer.fine_tune.fine_tune`:
+# a lazy name equal to a submodule's would be replaced by the module once
+# anything imports it.)
+_EXPORTS = {
+    "ExperimentConfig": "tftransfer.config",
+    "HeadSpec": "tftransfer.heads",
+    "LayerGroup": "tftransfer.backbones",
+    "LoadedBackbone": "tftransfer.backbones",
+    "ProgressiveUnfreezing": "tftransfer.callbacks",
+    "SlantedTriangular": "tftransfer.schedules",
+    "UserError": "tftransfer.errors",
+    "build_model": "tftransfer.builders",
+    "compile_for_heads": "tftransfer.builders",
+    "export_saved_model": "tftransfer.export",
+    "load_backbone": "tftransfer.backbones",
+    "load_config": "tftransfer.config",
+    "save_backbone_preset": "tftransfer.backbones",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -42,9 +42,31 @@ def build_model(backbone, heads, freeze_backbone=False, name="transfer_model"):
             features, backbone.modality, spec.pooling, padding_mask, name=f"{spec.name}_pool"
         )
         outputs[spec.name] = build_head(pooled, spec)
+    if backbone.modality == "text" and all((spec.pooling or "cls") != "cls" for spec in heads):
+        _freeze_unused_pooler(backbone)
     if freeze_backbone:
         backbone.model.trainable = False
     return keras.Model(inputs, outputs, name=name)
+
+
+def _freeze_unused_pooler(backbone):
+    """Take BERT's pooler (`pooled_dense`) out of training when no head reads it.
+
+    Only `cls` pooling uses the pooled output; with `mean` pooling the pooler
+    gets no gradient, and Keras warns on every fit ("Gradients do not exist
+    for variables ['pooled_dense/kernel', ...]"), which looks like a bug to a
+    user. It is frozen and removed from its layer group, so progressive
+    unfreezing never makes it trainable again. Its weights stay in the model
+    (and the saved backbone preset) unchanged.
+    """
+    try:
+        pooler = backbone.model.get_layer("pooled_dense")
+    except ValueError:
+        return
+    pooler.trainable = False
+    for group in backbone.layer_groups:
+        if pooler in group.layers:
+            group.layers.remove(pooler)
 
 
 def model_inputs(backbone):

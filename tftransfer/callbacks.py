@@ -22,6 +22,8 @@ Keras 3 facts this relies on (verified with Keras 3.15, TF 2.21):
   the same trainable groups and learning rates without extra state.
 """
 
+import logging
+import math
 import os
 
 import keras
@@ -34,7 +36,39 @@ ALL = "all"
 FROZEN = "frozen"
 GRADUAL = "gradual"
 UNITS = ("epoch", "step")
+# Gradual pacing: `every` is one of these or a positive integer.
+EVERY_AUTO = "auto"
+EVERY_EPOCH = "epoch"
+EVERY_CHOICES = (EVERY_AUTO, EVERY_EPOCH)
+# A group whose learning rate is below this fraction of the head's barely trains.
+MIN_USEFUL_LR_FRACTION = 0.005
 _OWNER = "ProgressiveUnfreezing"
+_log = logging.getLogger(__name__)
+
+
+def gradual_interval(num_groups, epochs, steps_per_epoch, every=EVERY_AUTO):
+    """Steps between two gradual unfreezes, or None for one per epoch.
+
+    `every="epoch"`: one group per epoch, ULMFiT's rule. `every="auto"`: the
+    same when the run has at least twice as many epochs as groups (so the
+    bottom group still trains for half of the run); otherwise unfreezing is
+    paced over the first half of the run, at evenly spaced steps, so that
+    every group trains for at least half of it. A 7-group MiniLM in a
+    10-epoch run thus unfreezes a group every 10/14 epoch, where one per
+    epoch would reach its embeddings only at epoch 7.
+
+    Args:
+        num_groups: int. Backbone layer groups.
+        epochs: int. Epochs in the run.
+        steps_per_epoch: int or None. None (unknown) keeps one per epoch.
+        every: `"auto"` or `"epoch"`.
+
+    Returns:
+        int (steps) or None (per epoch).
+    """
+    if every == EVERY_EPOCH or not steps_per_epoch or not epochs or epochs >= 2 * num_groups:
+        return None
+    return max(1, (epochs * steps_per_epoch) // (2 * num_groups))
 
 
 def resolve_schedule(schedule, group_names, unit="epoch", every=1):
@@ -167,9 +201,14 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
             rate for every variable. Defaults to None.
         log_dir: str or None. TensorBoard directory (the one given to
             `keras.callbacks.TensorBoard`). Defaults to None (History only).
-        every: int or None. `"gradual"` only: epochs (unit epoch) or steps
-            (unit step) between two unfreezes. Defaults to one epoch (one
-            epoch's worth of steps for unit step).
+        every: `"auto"`, `"epoch"`, an int, or None. `"gradual"` only:
+            the pace of unfreezing. An int: epochs (unit epoch) or steps
+            (unit step) between two unfreezes. `"epoch"` or None: one group
+            per epoch (ULMFiT; one epoch's worth of steps for unit step).
+            `"auto"`: one per epoch when the run has at least twice as many
+            epochs as groups, otherwise evenly spaced steps over the first
+            half of the run, so every group trains (see `gradual_interval`).
+            Defaults to None.
 
     Example:
     ```python
@@ -235,8 +274,12 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
                 f"backbone is one group ({names[0]!r}: tftransfer knows no block structure for it; "
                 f"see README 'Backbones'). Use schedule all or frozen without lr_decay."
             )
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise UserError(f"ProgressiveUnfreezing: every must be an integer >= 1. Received: every={every!r}.")
+        if every is not None and every not in EVERY_CHOICES and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
+            raise UserError(
+                f"ProgressiveUnfreezing: every must be auto, epoch or an integer >= 1. Received: every={every!r}."
+            )
         self.layer_groups = layer_groups
         self.group_names = names
         self.schedule = schedule
@@ -247,7 +290,8 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
         self.every = every
         # Validates names now; gradual by step is re-resolved in
         # on_train_begin once the steps per epoch are known.
-        self.points = resolve_schedule(schedule, names, unit, every or 1)
+        self.points = resolve_schedule(schedule, names, unit, every if isinstance(every, int) else 1)
+        self._pace_unit = unit
         self.lr_multipliers = (
             optimizers_lib.discriminative_multipliers(names, self.lr_decay)
             if self.lr_decay is not None
@@ -324,13 +368,10 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
         else:  # A previous fit's discriminative rates must not linger.
             optimizers_lib.clear_lr_multipliers(optimizer, owner=_OWNER)
         self._steps = self.params.get("steps") if self.params else None
-        if self.schedule == GRADUAL and self.unit == "step" and self.every is None:
-            if not self._steps:
-                raise UserError(
-                    "ProgressiveUnfreezing: schedule gradual with unit step needs the epoch length; "
-                    "pass every=<steps between unfreezes> or fit with steps_per_epoch."
-                )
-            self.points = resolve_schedule(GRADUAL, self.group_names, "step", self._steps)
+        self._pace_unit = self.unit
+        if self.schedule == GRADUAL and not isinstance(self.every, int):
+            self._pace_gradual()
+        self._warn_untrained_groups()
         self._epoch = getattr(model, "_initial_epoch", None) or 0
         self._epoch_start = None
         self._batches = 0
@@ -357,7 +398,7 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
         self._set_stage(self._at(self._epoch_start))
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self.unit == "step":
+        if self._pace_unit == "step":
             self._set_stage(self._epoch_start + batch)
 
     def on_train_batch_end(self, batch, logs=None):
@@ -393,7 +434,51 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
         return values
 
     def _at(self, step):
-        return self._epoch if self.unit == "epoch" else step
+        return self._epoch if self._pace_unit == "epoch" else step
+
+    def _pace_gradual(self):
+        """Resolve `every` (None / epoch / auto) for a gradual schedule now that the run's length is known."""
+        epochs = self.params.get("epochs") if self.params else None
+        every = EVERY_EPOCH if self.every is None else self.every
+        interval = gradual_interval(len(self.group_names), epochs, self._steps, every)
+        if interval is not None:  # paced in steps, whatever the unit
+            self._pace_unit = "step"
+            self.points = resolve_schedule(GRADUAL, self.group_names, "step", interval)
+        elif self.unit == "step":
+            if not self._steps:
+                raise UserError(
+                    "ProgressiveUnfreezing: schedule gradual with unit step needs the epoch length; "
+                    "pass every=<steps between unfreezes> or fit with steps_per_epoch."
+                )
+            self.points = resolve_schedule(GRADUAL, self.group_names, "step", self._steps)
+        else:
+            self.points = resolve_schedule(GRADUAL, self.group_names, "epoch", 1)
+
+    def _warn_untrained_groups(self):
+        """One warning line for groups the run will not (really) train."""
+        epochs = self.params.get("epochs") if self.params else None
+        if epochs:
+            end = epochs if self._pace_unit == "epoch" else (epochs * self._steps if self._steps else None)
+            if end is not None:
+                reached = frozenset()
+                for at, names in self.points:
+                    if at < end:
+                        reached |= names
+                never = [n for n in self.group_names if n in self._ever_trainable() and n not in reached]
+                if never:
+                    _log.warning(
+                        "ProgressiveUnfreezing: layer groups %s unfreeze only after the run's %d epochs and "
+                        "will not train; use unfreeze every=auto (the config default), more epochs, or "
+                        "an earlier schedule point.", ", ".join(never), epochs)
+        if self.lr_multipliers:
+            slow = [n for n in self.group_names
+                    if n in self._ever_trainable() and self.lr_multipliers[n] < MIN_USEFUL_LR_FRACTION]
+            if slow:
+                _log.warning(
+                    "ProgressiveUnfreezing: layer groups %s train at less than %g of the head's learning "
+                    "rate (lr_decay=%g over %d groups) and will barely change; raise unfreeze.lr_decay "
+                    "toward 1 to train them.", ", ".join(slow), MIN_USEFUL_LR_FRACTION, self.lr_decay,
+                    len(self.group_names))
 
     def _unfreeze_containers(self):
         """A frozen model containing the groups (e.g. `freeze_backbone=True`)
@@ -426,6 +511,69 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
                             f"freezes groups itself."
                         )
         self.current = None
+
+
+class StopOnDivergence(keras.callbacks.Callback):
+    """Stop `fit` when training diverges, with a one-line `UserError`.
+
+    Diverged means a non-finite loss, or a loss above `max_growth` times the
+    first batch's (scale-free: it holds for a cross-entropy near ln(classes)
+    and for a regression loss of 1e10 alike). Keras' `TerminateOnNaN` only
+    ends `fit` quietly on NaN, so whatever runs next (evaluation, save,
+    export) would ship the diverged weights as a success. Put this callback
+    before `BackupAndRestore` and any checkpointing callback: callbacks run
+    in order, so the backup and the best checkpoint on disk stay those of
+    the last good step.
+
+    The batch-level `loss` Keras reports is the epoch's running mean, which
+    stays non-finite once any step was.
+
+    Args:
+        max_growth: float. Loss growth over the first batch's that counts as
+            divergence. Defaults to 1e4.
+    """
+
+    def __init__(self, max_growth=1e4):
+        super().__init__()
+        self.max_growth = float(max_growth)
+
+    def on_train_begin(self, logs=None):
+        self._first = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        loss = float(loss)
+        if self._first is None and math.isfinite(loss):
+            self._first = max(abs(loss), 1e-12)
+            return
+        grew = self._first is not None and loss > self.max_growth * self._first
+        if math.isfinite(loss) and not grew:
+            return
+        what = f"became {loss}" if not math.isfinite(loss) else (
+            f"grew to {loss:.3g}, over {self.max_growth:g} times the first step's {self._first:.3g}")
+        raise UserError(
+            f"training diverged: the loss {what} at epoch {self._epoch + 1}, step {batch + 1}; "
+            f"lower train.learning_rate, check the labels for NaN/infinite values, or train in "
+            f"float32 (mixed_float16 needs loss scaling). Nothing from the diverged steps was saved."
+        )
+
+
+def check_finite_weights(model, what="the model"):
+    """UserError when a weight of `model` holds NaN or infinity: never save or serve such a model."""
+    import numpy as np
+
+    for variable in model.weights:
+        if not np.all(np.isfinite(keras.ops.convert_to_numpy(variable))):
+            raise UserError(
+                f"{what}: weight {variable.path} is not finite (NaN or infinity): the training "
+                f"diverged. Retrain with a lower train.learning_rate; nothing was saved or exported."
+            )
 
 
 def _strategy_scope(model):

@@ -97,7 +97,15 @@ def _parse_flags(argv):
 
 
 def run(main):
-    """`absl.app.run(main)` with overrides and the exit-code contract."""
+    """`absl.app.run(main)` with quiet logs, overrides and the exit-code contract.
+
+    Logs are set up first, before anything loads TensorFlow (see
+    `tftransfer.quiet_logs`; `TFTRANSFER_VERBOSE_LOGS=1` or `--verbosity=1`
+    shows everything).
+    """
+    from tftransfer import quiet_logs
+
+    quiet_logs.install(sys.argv[1:])
 
     def guarded(argv):
         try:

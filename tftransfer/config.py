@@ -10,6 +10,8 @@ work dir is touched.
 
 import dataclasses
 import difflib
+import math
+import re
 import typing
 from typing import Any, Optional, Union
 
@@ -50,8 +52,8 @@ class BackboneConfig:
         given = [k for k in ("preset", "spec", "keras_application") if getattr(self, k)]
         if len(given) != 1:
             raise UserError(
-                f"{path}: set exactly one of preset, spec, keras_application "
-                f"(got {given or 'none'})."
+                f"{path}: set exactly one of {path}.preset, {path}.spec, {path}.keras_application "
+                f"(got {', '.join(given) or 'none'})."
             )
         if self.image_size is not None and self.image_size < 8:
             raise UserError(f"{path}.image_size must be >= 8. Received: {self.image_size}.")
@@ -96,6 +98,10 @@ class HeadConfig:
                 f"{path}.name must be a Python identifier (it names the model output). "
                 f"Received: {self.name!r}."
             )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"{path}.label_smoothing must be in [0, 1). Received: {self.label_smoothing}.")
+        if not (math.isfinite(self.loss_weight) and self.loss_weight >= 0):
+            raise UserError(f"{path}.loss_weight must be a finite number >= 0. Received: {self.loss_weight}.")
 
 
 @dataclasses.dataclass
@@ -103,15 +109,17 @@ class DigitsConfig:
     """The handwritten digits scikit-learn ships (offline, real images)."""
 
     classes: list = dataclasses.field(default_factory=lambda: list(range(10)))
-    # Labelled training examples per class; the rest validate. Null: 80%.
+    # Moved to data.train_per_class (any source); kept only to say so.
     train_per_class: Optional[int] = None
 
     def validate(self, path):
         if not self.classes or any(not isinstance(c, int) or not 0 <= c <= 9 for c in self.classes):
             raise UserError(f"{path}.classes must list digits 0-9. Received: {self.classes}.")
-        if self.train_per_class is not None and self.train_per_class < 1:
+        if self.train_per_class is not None:
+            parent = path.rsplit(".", 1)[0]
             raise UserError(
-                f"{path}.train_per_class must be >= 1. Received: {self.train_per_class}."
+                f"{path}.train_per_class moved to {parent}.train_per_class (k-shot for every source); "
+                f"write data.train_per_class: {self.train_per_class}."
             )
 
 
@@ -162,6 +170,10 @@ class DataConfig:
     input_key: Optional[str] = None
     label_key: str = "label"
     digits: DigitsConfig = dataclasses.field(default_factory=DigitsConfig)
+    # k-shot: exactly this many labelled training examples per class (stratified,
+    # seeded by train.seed; ids written to W/train_ids.json). digits: the other
+    # images validate. Null: all.
+    train_per_class: Optional[int] = None
     # Per replica; the global batch is batch_size x replicas.
     batch_size: int = 32
     # Per replica, for validation/evaluation (no activations kept, so it can
@@ -189,6 +201,12 @@ class DataConfig:
         if (not isinstance(bg, (list, tuple)) or len(bg) != 3
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 255 for v in bg)):
             raise UserError(f"{path}.image_background must be 3 numbers in 0-255 (RGB). Received: {bg!r}.")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise UserError(f"{path}.eval_batch_size must be >= 1 (or null). Received: {self.eval_batch_size}.")
+        if self.train_per_class is not None and self.train_per_class < 1:
+            raise UserError(f"{path}.train_per_class must be >= 1 (or null). Received: {self.train_per_class}.")
+        if self.shuffle_buffer < 1:
+            raise UserError(f"{path}.shuffle_buffer must be >= 1. Received: {self.shuffle_buffer}.")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise UserError(
                 f"{path}.validation_fraction must be in [0, 1). "
@@ -218,9 +236,19 @@ class UnfreezeConfig:
     # Null (auto): false for pretrained backbones (keep their statistics, as
     # the Keras transfer-learning guide advises), true for random init.
     train_bn: Optional[bool] = None
+    # Gradual pace: auto (one group per epoch when epochs >= 2 x groups, else
+    # evenly spaced steps over the first half of the run so every group
+    # trains), epoch (ULMFiT: one group per epoch), or N epochs/steps (unit).
+    every: Union[int, str] = "auto"
 
     def validate(self, path):
+        from tftransfer.callbacks import EVERY_CHOICES
+
         _one_of(f"{path}.unit", self.unit, ("epoch", "step"))
+        if isinstance(self.every, str):
+            _one_of(f"{path}.every", self.every, EVERY_CHOICES)
+        elif self.every < 1:
+            raise UserError(f"{path}.every must be auto, epoch or an integer >= 1. Received: {self.every}.")
         if isinstance(self.schedule, str):
             _one_of(f"{path}.schedule", self.schedule, UNFREEZE_PRESETS)
         else:
@@ -256,12 +284,38 @@ class TrainConfig:
     early_stopping_patience: Optional[int] = None
     seed: int = 0
     verbose: int = 2
+    # Which weights ship (model.keras, export, metrics.json): best (the epoch
+    # with the best `monitor`; default, since on small data the last epoch is
+    # often past the best one) or last. Without validation data: last.
+    keep: str = "best"
+    # The value that decides "best" (and early stopping). Null: val_loss, or
+    # loss without validation data.
+    monitor: Optional[str] = None
+    # Precise BatchNorm: recompute moving statistics over training batches
+    # after fit. auto: exactly when BatchNorm statistics changed in training.
+    recompute_bn_stats: Union[bool, str] = "auto"
+    bn_stats_batches: int = 200
 
     def validate(self, path):
+        from tftransfer.epoch_selection import KEEP_CHOICES
+
         if self.epochs < 1:
             raise UserError(f"{path}.epochs must be >= 1. Received: {self.epochs}.")
-        if self.learning_rate <= 0:
-            raise UserError(f"{path}.learning_rate must be > 0. Received: {self.learning_rate}.")
+        _one_of(f"{path}.keep", self.keep, KEEP_CHOICES)
+        if isinstance(self.recompute_bn_stats, str):
+            _one_of(f"{path}.recompute_bn_stats", self.recompute_bn_stats, ("auto",))
+        if self.bn_stats_batches < 1:
+            raise UserError(f"{path}.bn_stats_batches must be >= 1. Received: {self.bn_stats_batches}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise UserError(f"{path}.learning_rate must be a finite number > 0. Received: {self.learning_rate}.")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise UserError(f"{path}.steps_per_epoch must be >= 1 (or null). Received: {self.steps_per_epoch}.")
+        if self.weight_decay < 0:
+            raise UserError(f"{path}.weight_decay must be >= 0. Received: {self.weight_decay}.")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise UserError(
+                f"{path}.early_stopping_patience must be >= 1 (or null). Received: {self.early_stopping_patience}."
+            )
         _one_of(f"{path}.optimizer", self.optimizer, OPTIMIZERS)
         _one_of(f"{path}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
 
@@ -413,7 +467,10 @@ def load_config(path=None, overrides=(), text=None):
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise UserError(f"--config {path or ''}: not valid YAML: {str(e).splitlines()[0]}.")
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UserError(f"--config {path or ''}: not valid YAML{where}: {problem}; fix the file there.")
         if not isinstance(raw, dict):
             raise UserError(f"--config {path or ''}: the top level must be a mapping of keys.")
     for item in overrides:
@@ -440,6 +497,9 @@ def from_dict(cls, raw, path=""):
                 f"{path or 'the top level'}: {', '.join(sorted(fields))}."
             )
         kwargs[key] = _convert(hints[key], value, where)
+    for name in fields:  # sections left out are validated too (backbone is required)
+        if name not in kwargs and dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = from_dict(hints[name], {}, f"{path}.{name}" if path else name)
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         obj.validate(path)
@@ -453,6 +513,9 @@ def to_dict(config):
 
 def dump_yaml(config):
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _convert(hint, value, where):
@@ -493,6 +556,10 @@ def _convert(hint, value, where):
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 (PyYAML) reads `2e-5` (no dot) as a string; YAML 1.2 and
+        # every user mean the number.
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
             return float(value)
     elif hint is str:
         if isinstance(value, str):

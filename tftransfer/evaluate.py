@@ -41,7 +41,7 @@ def main(argv):
     from tftransfer.export import load_serving_assets
 
     assets = load_serving_assets(W)
-    model = keras.saving.load_model(model_path, safe_mode=True)
+    model = workdir.load_model(model_path, "--workdir model")
     from tftransfer.builders import compile_for_heads
     from tftransfer.data import make_pipeline
 

@@ -21,7 +21,7 @@ def load_data(cfg):
     if d.source != "digits" and label_type != "classification" and d.source not in ("csv", "jsonl"):
         raise UserError(f"heads.0.type {label_type}: source {d.source} provides class labels only; use csv or jsonl.")
     if d.source == "digits":
-        loaded = data_lib.load_digits(d.digits.classes, d.digits.train_per_class, seed=cfg.train.seed)
+        loaded = data_lib.load_digits(d.digits.classes, d.train_per_class, seed=cfg.train.seed)
     elif d.source == "image_folder":
         loaded = data_lib.load_image_folder(
             d.train_path, d.validation_path, d.validation_fraction, cfg.train.seed, d.validate_images,
@@ -39,6 +39,20 @@ def load_data(cfg):
         )
     if loaded.train.num_examples == 0:
         raise UserError(f"data: the training split of source {d.source} is empty.")
+    if d.train_per_class is not None and d.source != "digits":  # digits splits k / rest itself
+        if label_type != "classification":
+            raise UserError(f"data.train_per_class: k-shot sampling needs a classification head; "
+                            f"heads.0.type is {label_type}.")
+        from tftransfer.data import kshot
+
+        loaded.train, loaded.train_ids = kshot.sample_per_class(
+            loaded.train, d.train_per_class, cfg.train.seed, loaded.class_names)
+    if loaded.validation is not None and loaded.validation.num_examples == 0:
+        # Never evaluate zero rows (fused kernels can fail on an empty batch).
+        raise UserError(
+            f"data: the validation split of source {d.source} is empty; point "
+            f"data.validation_split/validation_path at examples, or leave it unset."
+        )
     return loaded
 
 
@@ -75,6 +89,11 @@ def resolve_heads(cfg, labelled):
             num = 1 if h.type == "regression" else None
             if num is None:
                 raise UserError(f"heads.{i}.num_classes: the data does not say; set it.")
+        if h.type == "classification" and num < 2:
+            raise UserError(
+                f"heads.{i}: classification needs at least two classes; the data has "
+                f"{labelled.class_names or num}. Add examples of other classes, or use type regression."
+            )
         specs.append(HeadSpec(
             name=h.name, type=h.type, num_classes=num, pooling=h.pooling, dropout=h.dropout,
             hidden_units=h.hidden_units, label_smoothing=h.label_smoothing,
@@ -144,3 +163,42 @@ def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1):
             eval_batch_size(cfg, replicas), training=False, cache=d.cache, drop_remainder=tpu,
         )
     return train, val
+
+
+def recompute_bn_stats(cfg, model, labelled, loaded, heads, val_ds, changed_layers):
+    """`train.recompute_bn_stats` after fit: precise BatchNorm statistics (see tftransfer.bn_stats).
+
+    auto: on exactly when BatchNorm statistics changed in training
+    (`changed_layers` non-empty). The batches are the training split in a
+    fixed order, unaugmented, at the per-replica training batch size (the
+    size the statistics were computed at), so every worker of a
+    multi-worker run computes the same values.
+
+    Returns:
+        dict for metrics.json: whether it ran, batches, layers, and the
+        validation metrics before (after: the run's final evaluation).
+    """
+    from absl import logging
+
+    from tftransfer import bn_stats
+
+    setting = cfg.train.recompute_bn_stats
+    layers = bn_stats.trainable_batchnorm_layers(model) if setting is True else changed_layers
+    if setting is False or not layers:
+        return {"recomputed": False, "reason": "off" if setting is False else "no BatchNorm statistics changed"}
+    before = model.evaluate(val_ds, return_dict=True, verbose=0) if val_ds is not None else None
+    batches = data_lib.make_pipeline(
+        labelled.train, loaded.preprocessor, loaded.modality, heads, cfg.data.batch_size,
+        training=False, cache=False,
+    )
+    used = bn_stats.recompute(model, batches, layers, num_batches=cfg.train.bn_stats_batches)
+    report = {"recomputed": True, "batches": used, "layers": len(layers)}
+    if before is not None:
+        after = model.evaluate(val_ds, return_dict=True, verbose=0)
+        report["validation_before"] = {k: float(v) for k, v in before.items()}
+        key = next((k for k in ("accuracy", "loss") if k in after), sorted(after)[0])
+        logging.info("recomputed BatchNorm statistics of %d layers over %d batches: validation %s %.4f -> %.4f",
+                     len(layers), used, key, float(before[key]), float(after[key]))
+    else:
+        logging.info("recomputed BatchNorm statistics of %d layers over %d batches", len(layers), used)
+    return report

@@ -66,7 +66,7 @@ def main(argv):
             train_bn = not loaded.description.get("pretrained", True)
         unfreezing = ProgressiveUnfreezing(
             loaded.layer_groups, schedule=unfreeze.schedule, unit=unfreeze.unit,
-            train_bn=train_bn, lr_decay=unfreeze.lr_decay,  # None: one learning rate
+            train_bn=train_bn, lr_decay=unfreeze.lr_decay, every=unfreeze.every,  # lr_decay None: one rate
             log_dir=os.path.join(W, workdir.LOGS),
         )
         compile_for_heads(
@@ -78,29 +78,35 @@ def main(argv):
     # 5. The resolved config marks the work dir as ours.
     os.makedirs(W, exist_ok=True)
     workdir.atomic_write_text(os.path.join(W, workdir.CONFIG), config_text)
+    if labelled.train_ids is not None:  # the k-shot draw, to reproduce or audit it
+        workdir.write_json(os.path.join(W, workdir.TRAIN_IDS),
+                           {"train_per_class": cfg.data.train_per_class, "seed": cfg.train.seed,
+                            "ids": labelled.train_ids})
     logging.info("%s: %d train / %s validation examples, %d replica(s), global batch %d%s",
                  cfg.name, labelled.train.num_examples,
                  labelled.validation.num_examples if labelled.validation else 0,
                  replicas, global_batch, " (resuming)" if resuming else "")
 
     # 6. Fit.
-    monitor = "val_loss" if val_ds is not None else "loss"
+    from tftransfer import bn_stats, epoch_selection
+
+    monitor = cfg.train.monitor or ("val_loss" if val_ds is not None else "loss")
+    record_path, best_path = os.path.join(W, workdir.HISTORY), os.path.join(W, workdir.BEST_WEIGHTS)
+    from tftransfer.callbacks import StopOnDivergence, check_finite_weights
+
     callbacks = [
+        StopOnDivergence(),  # first: a diverged step never reaches the backup or the checkpoint
         unfreezing,
         keras.callbacks.BackupAndRestore(os.path.join(W, workdir.BACKUP)),
-        # BackupAndRestore holds the latest state for resuming; checkpoints/
-        # keeps the best weights by the monitored loss (one write per improvement).
-        keras.callbacks.ModelCheckpoint(
-            os.path.join(W, workdir.CHECKPOINTS, "best.weights.h5"), save_weights_only=True,
-            monitor=monitor, save_best_only=True,
-        ),
+        # BackupAndRestore holds the latest state for resuming; the record keeps
+        # every epoch's logs and the best epoch's weights, across resumes.
+        epoch_selection.EpochRecord(record_path, best_path, monitor=monitor),
         keras.callbacks.TensorBoard(os.path.join(W, workdir.LOGS)),
     ]
-    if cfg.train.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor=monitor, patience=cfg.train.early_stopping_patience, restore_best_weights=True
-        ))
+    if cfg.train.early_stopping_patience:  # the best weights come back through train.keep
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, patience=cfg.train.early_stopping_patience))
     os.makedirs(os.path.join(W, workdir.CHECKPOINTS), exist_ok=True)
+    statistics_before_fit = bn_stats.snapshot(model)
     start = time.perf_counter()
     history = model.fit(
         train_ds, validation_data=val_ds, epochs=cfg.train.epochs,
@@ -110,10 +116,24 @@ def main(argv):
     )
     train_seconds = time.perf_counter() - start
 
-    # 7. Evaluate, save, export; metrics.json last (it marks completion).
+    # 7. The weights that ship: train.keep, then BatchNorm statistics that match them.
+    keep = cfg.train.keep if (val_ds is not None or cfg.train.monitor) else "last"
+    selected_epoch, record = epoch_selection.select(model, keep, record_path, best_path)
+    logging.info("%s: shipping epoch %s (train.keep=%s, monitor %s)", cfg.name, selected_epoch, keep, monitor)
+    bn_report = experiment.recompute_bn_stats(
+        cfg, model, labelled, loaded, heads, val_ds, bn_stats.changed_layers(model, statistics_before_fit))
+    check_finite_weights(model, f"epoch {selected_epoch}")
+
+    # 8. Evaluate, save, export; metrics.json last (it marks completion).
+    selected = next((e for e in record["epochs"] if e["epoch"] == selected_epoch), {})
     metrics = {
-        "train": {k: float(v[-1]) for k, v in history.history.items() if not k.startswith("val_")},
-        "epochs": len(history.history.get("loss", [])),
+        "train": {k: v for k, v in selected.items() if k != "epoch" and not k.startswith("val_")},
+        "epochs": len(record["epochs"]),
+        "selected_epoch": selected_epoch,
+        "keep": keep,
+        "monitor": monitor,
+        "history": record["epochs"],
+        "bn_stats": bn_report,
         "train_seconds": train_seconds,
         "num_train_examples": labelled.train.num_examples,
         "replicas": replicas,

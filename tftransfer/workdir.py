@@ -1,7 +1,9 @@
 """The work-dir layout and the rules that keep it consistent.
 
     W/config.yaml     resolved config (written once inputs validated)
-    W/checkpoints/    last.weights.h5, best.weights.h5
+    W/checkpoints/    best.weights.h5 (the best epoch by train.monitor)
+    W/history.json    every epoch's logs and the best epoch (resume-safe)
+    W/train_ids.json  k-shot runs: positions of the kept training examples
     W/backup/         keras.callbacks.BackupAndRestore (resume after a kill)
     W/logs/           TensorBoard
     W/model.keras     the trained model (safe_mode loadable)
@@ -32,8 +34,11 @@ MODEL = "model.keras"
 BACKBONE_PRESET = "backbone_preset"
 PREPROCESSOR = "preprocessor"
 HEADS = "heads.json"
+HISTORY = "history.json"
+TRAIN_IDS = "train_ids.json"
+BEST_WEIGHTS = os.path.join(CHECKPOINTS, "best.weights.h5")
 RUN_OUTPUTS = (CONFIG, METRICS, BACKUP, CHECKPOINTS, LOGS, EXPORT, MODEL, BACKBONE_PRESET,
-               PREPROCESSOR, HEADS, "export_token_ids", "tflite", "report", "cache")
+               PREPROCESSOR, HEADS, HISTORY, TRAIN_IDS, "export_token_ids", "tflite", "report", "cache")
 
 
 def atomic_write_text(path, text):
@@ -51,12 +56,58 @@ def atomic_write_text(path, text):
 
 
 def write_json(path, data):
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+    """`data` as strict JSON (a NaN or infinity becomes null), atomically."""
+    text = json.dumps(_finite(data), indent=2, sort_keys=True, default=float, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+def _finite(value):
+    """`value` with every non-finite float replaced by None (strict JSON has no NaN)."""
+    import math
+
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
+        try:
+            value = value.item()
+        except (TypeError, ValueError):
+            return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def load_model(path, where="model"):
+    """A saved `.keras` model, loaded in safe mode (no Lambda layers), uncompiled.
+
+    The one loader for tftransfer's saved models: it first imports the
+    modules whose Keras-serializable classes such models may hold
+    (keras-hub's backbones, `HFBertBackbone`, `SlantedTriangular`,
+    `DistillationLoss`), which register themselves where they are defined.
+
+    Args:
+        path: str. A `.keras` file.
+        where: str. What the file is, for the error (a config key or flag).
+            Defaults to `"model"`.
+
+    Raises:
+        UserError: the file is missing, truncated, or not a Keras model; or
+            it holds a Lambda layer (refused by safe mode).
+    """
+    import keras
+    import keras_hub  # noqa: F401  (registers keras-hub classes)
+
+    from tftransfer import hf_bert, losses, schedules  # noqa: F401  (register themselves)
+
+    if not os.path.isfile(path):
+        raise UserError(f"{where} {path!r} is missing; train first or pass a saved .keras model.")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # A corrupt or foreign file raises many types.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{where} {path!r} could not be loaded as a Keras model: {first[:200]}")
 
 
 def check_can_start(workdir, config_text, overwrite=False):

@@ -13,7 +13,9 @@ classes, empty split) raise `UserError` here, naming the file or value.
 
 import csv
 import dataclasses
+import io
 import json
+import math
 import os
 
 import numpy as np
@@ -45,6 +47,9 @@ class LabelledData:
     integer_ids: bool = False
     # Image files left out because they did not decode (data.skip_bad_images).
     skipped: list = dataclasses.field(default_factory=list)
+    # k-shot: positions of the kept training examples in the source's
+    # training split (None: all of them). Written to the work dir.
+    train_ids: list = None
 
     @property
     def num_classes(self):
@@ -76,7 +81,7 @@ def load_digits(classes=tuple(range(10)), train_per_class=None, seed=0):
         n = train_per_class if train_per_class is not None else int(0.8 * len(idx))
         if n >= len(idx):
             raise UserError(
-                f"data.digits.train_per_class={n} leaves no validation images for digit "
+                f"data.train_per_class={n} leaves no validation images for digit "
                 f"{digit} ({len(idx)} images); use a smaller value."
             )
         train_idx.extend(idx[:n])
@@ -96,6 +101,7 @@ def load_digits(classes=tuple(range(10)), train_per_class=None, seed=0):
         train=split(train_idx),
         validation=split(val_idx),
         class_names=[str(d) for d in classes],
+        train_ids=sorted(int(i) for i in train_idx) if train_per_class is not None else None,
     )
 
 
@@ -240,10 +246,14 @@ def load_text_file(fmt, train_path, validation_path=None, validation_fraction=0.
     if label_type == "regression":
         encode, class_names = _regression_encoder(train_path), None
     else:
+        _check_one_label_type(all_labels, label_key, train_path)
         if not class_names:
             class_names, integer_ids = _infer_class_names(all_labels, label_type)
         encode = _class_encoder(class_names, label_type, label_key)
     labels = [encode(v, i) for i, v in enumerate(raw_labels)]
+    if label_type == "classification":
+        _check_classes(labels, [encode(v, i) for i, v in enumerate(val_rows[1])] if val_rows else [],
+                       class_names, label_key, train_path, validation_path)
     if val_rows:
         val = _text_split(val_rows[0], [encode(v, i) for i, v in enumerate(val_rows[1])])
     elif validation_fraction:
@@ -254,11 +264,51 @@ def load_text_file(fmt, train_path, validation_path=None, validation_fraction=0.
     return LabelledData("text", _text_split(texts, labels), val, class_names, label_type, integer_ids)
 
 
+def _check_one_label_type(labels, label_key, path):
+    """JSONL labels 1, 1.0, true and "1" would become four classes: refuse a mix."""
+    kinds = {}
+    for row, value in enumerate(labels):
+        kinds.setdefault(type(value).__name__, (row, value))
+    if len(kinds) > 1:
+        seen = ", ".join(f"{kind} {value!r} (row {row})" for kind, (row, value) in kinds.items())
+        raise UserError(
+            f"data {path!r}: labels in {label_key!r} mix types: {seen}; write every label "
+            f"the same way (all class names, or all integer ids)."
+        )
+
+
+def _check_classes(train_labels, val_labels, class_names, label_key, train_path, validation_path):
+    """At least two classes in training, and no validation class that training never saw."""
+    seen = set(int(l) for l in train_labels)
+    if len(seen) < 2:
+        raise UserError(
+            f"data.train_path {train_path!r}: every label in {label_key!r} is "
+            f"{class_names[next(iter(seen))]!r}; classification needs at least two classes."
+        )
+    unseen = sorted(set(int(l) for l in val_labels) - seen)
+    if unseen:
+        names = [class_names[i] for i in unseen]
+        raise UserError(
+            f"data.validation_path {validation_path!r}: label(s) {names[:5]} never occur in "
+            f"data.train_path {train_path!r}; add training examples for them or drop them."
+        )
+
+
 def _read_rows(fmt, path, text_key, label_key, where):
     if not os.path.isfile(path):
         raise UserError(f"{where} {path!r}: no such file.")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        content = raw.decode("utf-8-sig")  # a UTF-8 BOM (Excel) is fine
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(
+            f"{where} {path!r} line {line}: not UTF-8 text (byte {raw[e.start]:#04x}); "
+            f"re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+        )
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(content, newline="") as f:
         if fmt == "csv":
             reader = csv.DictReader(f)
             missing = [k for k in (text_key, label_key) if k not in (reader.fieldnames or [])]
@@ -282,6 +332,13 @@ def _read_rows(fmt, path, text_key, label_key, where):
                 rows.append(row)
     if not rows:
         raise UserError(f"{where} {path!r} holds no examples.")
+    for n, r in enumerate(rows, 1):
+        if r[label_key] is None or (isinstance(r[label_key], str) and not r[label_key].strip()):
+            raise UserError(
+                f"{where} {path!r} example {n}: no label in {label_key!r}; label it or remove the row."
+            )
+        if r[text_key] is None:
+            raise UserError(f"{where} {path!r} example {n}: no text in {text_key!r}.")
     return [str(r[text_key]) for r in rows], [r[label_key] for r in rows]
 
 
@@ -335,9 +392,12 @@ def _class_encoder(class_names, label_type, label_key):
 def _regression_encoder(path):
     def encode(value, row):
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise UserError(f"{path!r} row {row}: regression label {value!r} is not a number.")
+        if not math.isfinite(number):
+            raise UserError(f"{path!r} row {row}: regression label {value!r} is not finite; fix or drop the row.")
+        return number
     return encode
 
 
@@ -360,17 +420,31 @@ def load_tfds(name, train_split="train", validation_split=None, data_dir=None,
     """A TFDS dataset by name and split (images or text, one class label)."""
     try:
         import tensorflow_datasets as tfds
-    except ImportError:
-        raise UserError("data.source tfds needs tensorflow-datasets: pip install 'tftransfer[tfds]'.")
+        # Imported lazily inside TFDS (and not declared by it): a missing one
+        # would surface later as a misleading "could not provide" error.
+        import importlib_resources  # noqa: F401
+        import tensorflow_datasets.core.dataset_builder  # noqa: F401
+    except ImportError as e:
+        raise UserError(
+            f"data.source tfds needs tensorflow-datasets and its dependencies ({e}); "
+            f"pip install 'tftransfer[tfds]'."
+        )
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-        if download:
-            builder.download_and_prepare()
     except Exception as e:
         raise UserError(
-            f"data.name {name!r}: TFDS could not provide it ({str(e).splitlines()[0][:160]}); "
-            f"check the name, or pass data.data_dir holding a prepared copy when offline."
+            f"data.name {name!r}: TFDS does not know it ({str(e).splitlines()[0][:160]}); "
+            f"check the name, or pass data.data_dir holding a prepared copy."
         )
+    if download and not builder.is_prepared():
+        _check_download_hosts(name, builder, data_dir)
+        try:
+            builder.download_and_prepare()
+        except Exception as e:
+            raise UserError(
+                f"data.name {name!r}: TFDS could not download and prepare it "
+                f"({str(e).splitlines()[0][:160]}); pass data.data_dir holding a prepared copy."
+            )
     features = builder.info.features
     if label_key not in features:
         raise UserError(f"data.label_key {label_key!r} is not a feature of {name}: {list(features)}.")
@@ -400,6 +474,34 @@ def load_tfds(name, train_split="train", validation_split=None, data_dir=None,
 
     val = split(validation_split) if validation_split else None
     return LabelledData(modality, split(train_split), val, class_names)
+
+
+def _check_download_hosts(name, builder, data_dir, timeout=5.0):
+    """UserError at once when a host the dataset downloads from is unreachable.
+
+    TFDS retries a failed download with back-off for minutes (urllib3's
+    Retry); offline, the user should hear that at once, with what to do.
+    Only the hosts the builder declares (its registered checksums) are
+    probed; a builder that declares none downloads as usual.
+    """
+    import socket
+    import urllib.parse
+
+    hosts = {}
+    for url in (getattr(builder, "url_infos", None) or {}):
+        parsed = urllib.parse.urlparse(str(url))
+        if parsed.hostname:
+            hosts[parsed.hostname] = parsed.port or (443 if parsed.scheme == "https" else 80)
+    for host, port in sorted(hosts.items()):
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as e:
+            where = data_dir or "~/tensorflow_datasets"
+            raise UserError(
+                f"data.name {name!r} is not prepared in {where} and its download host {host} "
+                f"is unreachable ({e}); prepare it where there is network "
+                f"(tfds build {name} --data_dir=DIR) and pass data.data_dir=DIR."
+            )
 
 
 def _num_examples(builder, spec, ds):

@@ -17,26 +17,24 @@ distiller.fit(train_ds, epochs=3, callbacks=[tftransfer.distill.DistillationSche
 ```
 """
 
-from tftransfer.distill.cache import cached_pipeline, load_or_compute, teacher_outputs
-from tftransfer.distill.distiller import Distiller, HintonDistillation
-from tftransfer.distill.init import init_from_teacher
-from tftransfer.distill.report import compare, latency_per_example
-from tftransfer.distill.schedule import DistillationSchedule, schedule_value
-from tftransfer.distill.teacher import Teacher, check_compatible, ensemble, load_teacher
+from tftransfer.lazy import lazy_exports
 
-__all__ = [
-    "DistillationSchedule",
-    "Distiller",
-    "HintonDistillation",
-    "Teacher",
-    "cached_pipeline",
-    "check_compatible",
-    "compare",
-    "ensemble",
-    "init_from_teacher",
-    "latency_per_example",
-    "load_or_compute",
-    "load_teacher",
-    "schedule_value",
-    "teacher_outputs",
-]
+# Public name -> defining module; imported on first use (see tftransfer.lazy).
+_EXPORTS = {
+    "cached_pipeline": "tftransfer.distill.cache",
+    "load_or_compute": "tftransfer.distill.cache",
+    "teacher_outputs": "tftransfer.distill.cache",
+    "Distiller": "tftransfer.distill.distiller",
+    "HintonDistillation": "tftransfer.distill.distiller",
+    "init_from_teacher": "tftransfer.distill.init",
+    "compare": "tftransfer.distill.report",
+    "latency_per_example": "tftransfer.distill.report",
+    "DistillationSchedule": "tftransfer.distill.schedule",
+    "schedule_value": "tftransfer.distill.schedule",
+    "Teacher": "tftransfer.distill.teacher",
+    "check_compatible": "tftransfer.distill.teacher",
+    "ensemble": "tftransfer.distill.teacher",
+    "load_teacher": "tftransfer.distill.teacher",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

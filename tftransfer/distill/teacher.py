@@ -223,16 +223,9 @@ def _model_path(path, where):
 
 
 def _load_model(path, where):
-    import keras_hub  # noqa: F401  (registers keras-hub classes)
+    from tftransfer.workdir import load_model
 
-    import tftransfer  # noqa: F401  (registers tftransfer's serializable classes)
-    import tftransfer.hf_bert  # noqa: F401  (HFBertBackbone: not imported by `tftransfer`)
-
-    try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as e:  # A corrupt / foreign file raises many types.
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{where} {path!r} could not be loaded as a Keras model: {first[:200]}")
+    return load_model(path, where)
 
 
 def _workdir_preprocessor(workdir):

@@ -14,32 +14,21 @@
 See README.md, "Serving".
 """
 
-from tftransfer.export.assets import (
-    ServingAssets,
-    export_workdir,
-    load_serving_assets,
-    load_trained_model,
-    save_serving_assets,
-)
-from tftransfer.export.saved_model import (
-    build_archive,
-    export_saved_model,
-    head_outputs,
-    next_version,
-    token_ids_base,
-)
-from tftransfer.export.tflite import export_tflite
+from tftransfer.lazy import lazy_exports
 
-__all__ = [
-    "ServingAssets",
-    "build_archive",
-    "export_saved_model",
-    "export_tflite",
-    "export_workdir",
-    "head_outputs",
-    "load_serving_assets",
-    "load_trained_model",
-    "next_version",
-    "save_serving_assets",
-    "token_ids_base",
-]
+# Public name -> defining module; imported on first use (see tftransfer.lazy).
+_EXPORTS = {
+    "ServingAssets": "tftransfer.export.assets",
+    "export_workdir": "tftransfer.export.assets",
+    "load_serving_assets": "tftransfer.export.assets",
+    "load_trained_model": "tftransfer.export.assets",
+    "save_serving_assets": "tftransfer.export.assets",
+    "build_archive": "tftransfer.export.saved_model",
+    "export_saved_model": "tftransfer.export.saved_model",
+    "head_outputs": "tftransfer.export.saved_model",
+    "next_version": "tftransfer.export.saved_model",
+    "token_ids_base": "tftransfer.export.saved_model",
+    "export_tflite": "tftransfer.export.tflite",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

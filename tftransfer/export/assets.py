@@ -158,13 +158,9 @@ def load_serving_assets(workdir):
 
 def load_trained_model(workdir):
     """`W/model.keras` loaded in safe mode (no Lambda layers), uncompiled."""
-    import keras
+    from tftransfer.workdir import load_model
 
-    import keras_hub  # noqa: F401
-    import tftransfer  # noqa: F401  (registers tftransfer's serializable classes)
-
-    path = _check_model_file(workdir)
-    return keras.saving.load_model(path, compile=False, safe_mode=True)
+    return load_model(_check_model_file(workdir), "--workdir model")
 
 
 def _check_model_file(workdir):

@@ -118,6 +118,34 @@ def head_outputs(heads, outputs, include_strings=True):
     return named
 
 
+def outputs_or_empty(heads, inputs, run_model):
+    """`head_outputs` of `run_model()`, or empty outputs for an empty batch.
+
+    The network never runs on zero rows: with TensorFlow's oneDNN
+    optimisations (on by default on x86 CPUs with AVX-512 BF16/AMX) a fused
+    Conv2D + BatchNorm in inference mode fails on a `(0, h, w, c)` batch
+    (`Incompatible shapes: [C] vs. [0,...]`), and fused kernels on other
+    devices have had the same weak spot (tensorflow/tensorflow#14657). An
+    empty request instead gets every output with 0 rows and its usual dtype,
+    built from zero-row logits, so the two branches have one structure.
+
+    Args:
+        heads: list of `HeadSpec`.
+        inputs: the model's input (a tensor or a dict of tensors); its first
+            leaf's leading dimension is the batch size.
+        run_model: callable returning the model's `{head name: logits}`.
+
+    Returns:
+        dict of output name -> tensor, as `head_outputs`.
+    """
+    batch = tf.shape(tf.nest.flatten(inputs)[0])[0]
+
+    def empty():
+        return head_outputs(heads, {h.name: tf.zeros((0, h.num_classes)) for h in heads})
+
+    return tf.cond(batch > 0, lambda: head_outputs(heads, run_model()), empty)
+
+
 # ---------------------------------------------------------------------------
 # Serving functions
 # ---------------------------------------------------------------------------
@@ -197,7 +225,7 @@ def build_archive(model, preprocessor, modality, heads, raw=True):
     archive.track(model)
 
     def predict(inputs):
-        return head_outputs(heads, model(inputs, training=False))
+        return outputs_or_empty(heads, inputs, lambda: model(inputs, training=False))
 
     if modality == "image":
         height, width = preprocessor.image_size
@@ -296,6 +324,9 @@ def export_saved_model(model, preprocessor, modality, heads, export_base,
     """
     if modality not in ("image", "text"):
         raise UserError(f"export: modality must be image or text. Received: modality={modality!r}.")
+    from tftransfer.callbacks import check_finite_weights
+
+    check_finite_weights(model, "export")
     bases = [export_base]
     if modality == "text":
         bases.append(token_ids_base(export_base))

@@ -1,0 +1,44 @@
+"""Lazy re-exports (PEP 562) for packages whose import must stay cheap.
+
+`import tftransfer`, `tftransfer.export` and `tftransfer.distill` load
+neither TensorFlow nor Keras: an entrypoint run as `python -m
+tftransfer.export` imports those packages before its own code runs, and it
+must set up logging (`tftransfer.quiet_logs`) before TensorFlow starts.
+A public name is imported from its defining module on first access.
+"""
+
+import importlib
+
+
+def lazy_exports(package, exports, namespace):
+    """`(__getattr__, __dir__)` for `package`, resolving `exports` on first use.
+
+    Args:
+        package: str. The package's `__name__`.
+        exports: dict. Public name -> the module that defines it. Other
+            names are tried as submodules (`tftransfer.distill`).
+        namespace: dict. The package's `globals()`, where resolved names
+            are cached.
+
+    Returns:
+        tuple of two functions to assign to the package's `__getattr__` and
+        `__dir__`.
+    """
+
+    def __getattr__(name):
+        if name in exports:
+            value = getattr(importlib.import_module(exports[name]), name)
+        else:
+            try:
+                value = importlib.import_module(f"{package}.{name}")
+            except ModuleNotFoundError as e:
+                if e.name != f"{package}.{name}":
+                    raise
+                raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+        namespace[name] = value
+        return value
+
+    def __dir__():
+        return sorted(set(namespace) | set(exports))
+
+    return __getattr__, __dir__
