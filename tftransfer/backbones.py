@@ -8,6 +8,9 @@ One entry point, `load_backbone`, accepts every way a user names a network:
 - a local Hugging Face BERT checkpoint directory (`config.json` with
   `model_type: bert`, `model.safetensors`, `vocab.txt`), converted with the
   checkpoint's own activation and layer-norm settings (`tftransfer.hf_bert`);
+- a local Hugging Face directory of another family (`HF_FAMILIES`) or a
+  local timm directory (`TIMM_FAMILIES`), through keras-hub's converters;
+  `local_checkpoint_format` tells them apart and names what cannot load;
 - an architecture spec with random init (`{"architecture": "resnet", ...}`);
 - `keras.applications.ResNet50` (ImageNet weights or a local weights file).
 
@@ -85,8 +88,10 @@ class LoadedBackbone:
 
     model: keras.Model. Images: float image batch (after `preprocessor`) ->
         feature map `(batch, h, w, channels)`. Text: dict of `token_ids`,
-        `segment_ids`, `padding_mask` -> dict with `sequence_output` (and
-        `pooled_output` for BERT).
+        `segment_ids` (families that have them), `padding_mask` -> dict
+        with `sequence_output` (and `pooled_output` for BERT, ALBERT,
+        ELECTRA), or the sequence output tensor itself (RoBERTa, XLM-R,
+        DistilBERT, DeBERTaV3). ViT / DeiT / DINOv2: `(batch, tokens, dim)`.
     modality: str. `"image"` or `"text"`.
     preprocessor: callable layer from raw input to `model` input. Images: a
         keras-hub `ImageConverter` on 0-255 RGB pixels (one image or a
@@ -187,16 +192,16 @@ def load_backbone(
 
 def _from_preset(preset, load_weights, image_size, sequence_length):
     description = {"source": "preset", "preset": preset, "pretrained": bool(load_weights)}
+    family = None
     if os.path.isdir(preset):
-        hf_config = _hf_config(preset)
-        if hf_config is not None and hf_config.get("model_type") == "bert":
+        fmt, family = local_checkpoint_format(preset)
+        description["format"], description["family"] = fmt, family
+        if fmt == "huggingface" and family == "bert":
             from tftransfer import hf_bert
 
             model = hf_bert.load_hf_bert(preset, load_weights=load_weights)
             preprocessor = hf_bert.load_hf_tokenizer_preprocessor(preset, sequence_length)
-            description["format"] = "huggingface"
             return _finish(model, preprocessor, description)
-        description["format"] = "huggingface" if hf_config else "keras_hub"
     elif "://" not in preset:
         if preset not in keras_hub.models.Backbone.presets:
             looks_like_path = os.sep in preset or preset.startswith(".")
@@ -215,7 +220,14 @@ def _from_preset(preset, load_weights, image_size, sequence_length):
     except Exception as e:  # keras-hub/kagglehub/huggingface_hub raise many types.
         if _is_network_error(e):
             raise UserError(_download_message(preset, e))
+        if family is not None:
+            raise UserError(
+                f"backbone.preset {preset!r}: the {description['format']} checkpoint ({family}) could "
+                f"not be loaded ({_first_line(e)[:200]}). Supported: {_supported_local()}."
+            )
         raise UserError(f"backbone.preset {preset!r} could not be loaded: {_first_line(e)}")
+    if load_weights and description.get("family") == "roberta":
+        _fold_roberta_token_type(model, preset)
     if _is_text(model):
         try:
             preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(
@@ -352,14 +364,92 @@ def _image_converter_from_preset(preset, image_size):
     return converter
 
 
-def _hf_config(path):
-    """The Hugging Face `config.json` of a checkpoint dir, else None."""
+# Local checkpoint directories keras-hub 0.32 converts and tftransfer
+# fine-tunes (backbone classes with layer groups; LLM families are left out).
+HF_FAMILIES = ("bert", "distilbert", "roberta", "xlm-roberta", "albert", "vit", "deit", "dinov2", "swin")
+TIMM_FAMILIES = ("resnet", "efficientnet", "mobilenet", "densenet")
+
+
+def _supported_local():
+    return (f"keras-hub preset dirs (Backbone.save_to_preset) of {', '.join(supported_families())}; "
+            f"Hugging Face transformers dirs (config.json + model.safetensors) with model_type "
+            f"{', '.join(HF_FAMILIES)}; timm dirs (config.json + model.safetensors) of "
+            f"{', '.join(TIMM_FAMILIES)} (e.g. tools/convert_efficientnet_lite0.py)")
+
+
+def local_checkpoint_format(path):
+    """`(format, family)` of a local checkpoint dir, or a one-line UserError.
+
+    format: `keras_hub` (family: the backbone class), `huggingface` (its
+    `model_type`) or `timm` (its `architecture`), told apart by `config.json`
+    as keras-hub does.
+    """
+    where = f"backbone.preset {path!r}"
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        return None
-    with open(config_path) as f:
-        config = json.load(f)
-    return config if "model_type" in config else None
+        raise UserError(f"{where}: no config.json, so not a checkpoint dir. Supported: {_supported_local()}.")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{where}: config.json is not valid JSON ({_first_line(e)}).")
+    if not isinstance(config, dict):
+        raise UserError(f"{where}: config.json is not a JSON object.")
+    has_weights = any(os.path.isfile(os.path.join(path, n))
+                      for n in ("model.safetensors", "model.safetensors.index.json"))
+    if "registered_name" in config:
+        family = str(config.get("class_name") or config["registered_name"])
+        return "keras_hub", family
+    if "model_type" in config:
+        family = str(config["model_type"])
+        if family not in HF_FAMILIES:
+            raise UserError(
+                f"{where}: Hugging Face model_type {family!r} is not supported for transfer "
+                f"(supported model_type: {', '.join(HF_FAMILIES)})."
+            )
+        if not has_weights:
+            raise UserError(
+                f"{where}: the Hugging Face {family} checkpoint has no model.safetensors "
+                f"(pytorch_model.bin is not read); save it with save_pretrained(..., safe_serialization=True)."
+            )
+        return "huggingface", family
+    if "architecture" in config:
+        family = str(config["architecture"])
+        if not family.startswith(TIMM_FAMILIES):
+            raise UserError(
+                f"{where}: timm architecture {family!r} is not supported "
+                f"(supported timm families: {', '.join(TIMM_FAMILIES)})."
+            )
+        if not has_weights:
+            raise UserError(f"{where}: the timm {family} checkpoint has no model.safetensors.")
+        return "timm", family
+    raise UserError(
+        f"{where}: config.json has none of registered_name (keras-hub), model_type (Hugging Face), "
+        f"architecture (timm). Supported: {_supported_local()}."
+    )
+
+
+def _fold_roberta_token_type(model, path):
+    """Add `token_type_embeddings[0]` to RoBERTa's position embeddings.
+
+    Hugging Face RoBERTa adds the type-0 embedding to every token; keras-hub's
+    RoBERTa has no segment embedding and its converter drops it (its XLM-R
+    converter folds it in, as here). Original fairseq checkpoints store
+    zeros, so they were unaffected; RoBERTa-architecture models trained with
+    `transformers` were not (tools/check_hf_families.py, BENCHMARKS.md).
+    """
+    from safetensors import safe_open
+
+    file = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(file):  # Sharded checkpoints: left as keras-hub loads them.
+        return
+    with safe_open(file, framework="np") as f:
+        keys = [k for k in f.keys() if k.endswith("embeddings.token_type_embeddings.weight")]
+        if not keys:
+            return
+        type0 = f.get_tensor(keys[0])[0]
+    positions = model.embeddings.position_embedding.position_embeddings
+    positions.assign(keras.ops.convert_to_numpy(positions) + type0[None, :])
 
 
 def _is_network_error(e):
@@ -387,55 +477,144 @@ def _first_line(e):
 # Layer groups
 # ---------------------------------------------------------------------------
 
-_RESNET_HUB_STACK = re.compile(r"^stack(\d+)_")
-_RESNET_APP_STAGE = re.compile(r"^conv([2-9])_")
-_TRANSFORMER_LAYER = re.compile(r"^transformer_layer_(\d+)$")
+# Per keras-hub family: (container holding the blocks or None for top level,
+# block-name pattern whose first group is the block index, name of the group
+# below the first block, group-name prefix). Layers before the first block
+# form the bottom group; layers after a block (transitions, final norms,
+# poolers) join the block before them, so groups run bottom to top and
+# every backbone weight belongs to exactly one group.
+_TRANSFORMER = (None, r"^transformer_layer_(\d+)$", "embeddings", "transformer_layer_")
+FAMILY_GROUPS = {
+    "ResNetBackbone": (None, r"^stack(\d+)_", "stem", "stack"),
+    "EfficientNetBackbone": (None, r"^block(\d+)[a-z]+_", "stem", "block"),
+    "MobileNetBackbone": (None, r"^block_(\d+)_\d+$", "stem", "block"),
+    "DenseNetBackbone": (None, r"^stack(\d+)_", "stem", "stack"),
+    # ViT / DeiT / DINOv2 nest their blocks inside an encoder layer.
+    "ViTBackbone": ("vit_encoder", r"^transformer_block_(\d+)$", "embeddings", "transformer_block_"),
+    "DeiTBackbone": ("deit_encoder", r"^transformer_block_(\d+)$", "embeddings", "transformer_block_"),
+    "DINOV2Backbone": ("encoder", r"^layers_(\d+)$", "embeddings", "layer_"),
+    "SwinTransformerBackbone": (None, r"^stage_(\d+)$", "embeddings", "stage_"),
+    "BertBackbone": _TRANSFORMER,
+    "HFBertBackbone": _TRANSFORMER,
+    "DistilBertBackbone": _TRANSFORMER,
+    "RobertaBackbone": _TRANSFORMER,
+    "XLMRobertaBackbone": _TRANSFORMER,
+    "ElectraBackbone": _TRANSFORMER,
+    "DebertaV3Backbone": (None, r"^disentangled_attention_encoder_layer_(\d+)$", "embeddings", "transformer_layer_"),
+    # ALBERT shares weights: `group_<g>_inner_layer_<i>` is one set of
+    # weights that num_layers / num_groups consecutive layers reuse, so a
+    # group here is a weight group (released checkpoints: num_groups=1, one
+    # encoder group), not one layer of depth.
+    "AlbertBackbone": (None, r"^group_(\d+)_inner_layer_\d+$", "embeddings", "group_"),
+}
+# keras.applications ResNet50 (a plain Functional model).
+_RESNET_APP = (None, r"^conv([2-9])_", "stem", "conv")
+# Unknown families: blocks are layers named `<word>[_]<index>...`.
+_INDEXED = re.compile(r"^([A-Za-z]+(?:_[A-Za-z]+)*?)_?(\d+)(?![\d])")
+
+
+def supported_families():
+    """keras-hub backbone classes with known layer groups (README, --helpfull)."""
+    return sorted(FAMILY_GROUPS)
 
 
 def layer_groups(model):
     """The backbone's layers as ordered groups, bottom (input) to top.
 
-    keras-hub ResNet: `stem`, `stack0`..`stackN`. keras.applications ResNet50:
-    `stem`, `conv2`..`conv5`. keras-hub BERT-family: `embeddings`,
-    `transformer_layer_0`..`N` (the pooler joins the last one). Anything
-    else: a single group `backbone`.
+    Known families (`FAMILY_GROUPS`): CNNs by stage (`stem`, `stack0`.. for
+    ResNet, `block1`.. for EfficientNet / MobileNet, `stack1`.. for DenseNet
+    with each transition joining the stage below it), transformers by block
+    (`embeddings`, `transformer_layer_0`.. for BERT / DistilBERT / RoBERTa /
+    XLM-RoBERTa / ELECTRA / DeBERTaV3, `transformer_block_1`.. inside ViT's
+    and DeiT's encoder, `layer_0`.. for DINOv2, `stage_0`.. for Swin,
+    `group_0`.. for ALBERT's shared-weight groups). keras.applications
+    ResNet50: `stem`, `conv2`..`conv5`. Any other model: groups from its own
+    indexed block names (`<name>_<i>`, at the top level or inside its
+    largest container layer) when it has them; otherwise one group
+    `backbone` and a warning naming the family, because progressive
+    unfreezing and discriminative learning rates cannot work on it.
     """
-    layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
-    names = [l.name for l in layers]
-    if any(_RESNET_HUB_STACK.match(n) for n in names):
-        return _group_by_pattern(layers, _RESNET_HUB_STACK, "stack")
-    if any(_RESNET_APP_STAGE.match(n) for n in names):
-        return _group_by_pattern(layers, _RESNET_APP_STAGE, "conv")
-    if any(_TRANSFORMER_LAYER.match(n) for n in names):
-        embeddings, blocks, top = [], {}, []
-        for layer in layers:
-            match = _TRANSFORMER_LAYER.match(layer.name)
-            if match:
-                blocks[int(match.group(1))] = layer
-            elif not blocks:
-                embeddings.append(layer)
-            else:
-                top.append(layer)
-        groups = [LayerGroup("embeddings", embeddings)]
-        groups += [LayerGroup(f"transformer_layer_{i}", [blocks[i]]) for i in sorted(blocks)]
-        groups[-1].layers.extend(top)
-        return groups
-    return [LayerGroup("backbone", layers)]
+    family = type(model).__name__
+    rule = FAMILY_GROUPS.get(family)
+    if rule is None:
+        top = _top_layers(model)
+        if any(re.match(_RESNET_APP[1], l.name) for l in top):
+            rule = _RESNET_APP
+        else:
+            rule = _discover(model)
+    if rule is not None:
+        groups = _group_by_rule(model, *rule)
+        if groups is not None and len(groups) > 1:
+            return groups
+    import warnings
+
+    warnings.warn(
+        f"tftransfer: no block structure known for backbone family {family}; it is one "
+        f"layer group 'backbone' (gradual unfreezing and lr_decay need several). Families "
+        f"with layer groups: {', '.join(supported_families())}.",
+        stacklevel=2,
+    )
+    return [LayerGroup("backbone", _top_layers(model))]
 
 
-def _group_by_pattern(layers, pattern, prefix):
-    stem, stages = [], {}
+def _top_layers(model):
+    return [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+
+
+def _sublayers(layer):
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def _group_by_rule(model, container, pattern, bottom, prefix):
+    pattern = re.compile(pattern)
+    layers = []
+    for layer in _top_layers(model):
+        if container is not None and layer.name == container:
+            if layer.weights and not _sublayers(layer):
+                return None
+            layers.extend(_sublayers(layer))
+        else:
+            layers.append(layer)
+    first, blocks = [], {}
     for layer in layers:
         match = pattern.match(layer.name)
         if match:
-            stages.setdefault(int(match.group(1)), []).append(layer)
-        elif not stages:
-            stem.append(layer)
-        else:  # e.g. post_bn / post_relu after the last stack.
-            stages[max(stages)].append(layer)
-    return [LayerGroup("stem", stem)] + [
-        LayerGroup(f"{prefix}{i}", stages[i]) for i in sorted(stages)
-    ]
+            key = match.group(1)
+            blocks.setdefault(key, []).append(layer)
+            last = key
+        elif not blocks:
+            first.append(layer)
+        else:  # Transitions, final norms, poolers: join the block below.
+            blocks[last].append(layer)
+    if not blocks:
+        return None
+    groups = [LayerGroup(bottom, first)] if first else []  # e.g. VGG: no layer below block 1
+    return groups + [LayerGroup(f"{prefix}{k}", v) for k, v in blocks.items()]
+
+
+def _discover(model):
+    """A rule from the model's own indexed layer names, or None."""
+    text = _is_text(model)
+    bottom = "embeddings" if text else "stem"
+    candidates = [(None, _top_layers(model))]
+    containers = [l for l in _top_layers(model) if len(_sublayers(l)) > 2]
+    if containers:
+        biggest = max(containers, key=lambda l: len(_sublayers(l)))
+        candidates.append((biggest.name, _sublayers(biggest)))
+    best = None
+    for container, layers in candidates:
+        indices = {}
+        for layer in layers:
+            match = _INDEXED.match(layer.name)
+            if match:
+                indices.setdefault(match.group(1), set()).add(match.group(2))
+        for word, seen in indices.items():
+            if len(seen) >= 2 and (best is None or len(seen) > best[0]):
+                best = (len(seen), container, word)
+    if best is None:
+        return None
+    _, container, word = best
+    return (container, rf"^{re.escape(word)}_?(\d+)(?![\d])", bottom, f"{word}_")
 
 
 def save_backbone_preset(loaded, preset_dir):

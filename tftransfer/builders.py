@@ -74,9 +74,13 @@ def model_inputs(backbone):
     if backbone.modality == "image":
         height, width = backbone.image_size
         return keras.Input((height, width, 3), name="image")
+    # The backbone's own keys: RoBERTa, XLM-R, DistilBERT and DeBERTaV3 take
+    # no segment_ids (a serving signature that sends them is still served).
+    accepted = backbone.model.input if isinstance(backbone.model.input, dict) else {}
     return {
         key: keras.Input((None,), dtype="int32", name=key)
         for key in ("token_ids", "segment_ids", "padding_mask")
+        if key in accepted or not accepted
     }
 
 

@@ -265,6 +265,15 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
                 f"ProgressiveUnfreezing: lr_decay must be in (0, 1] (ULMFiT: 1/2.6) or None. "
                 f"Received: lr_decay={lr_decay!r}."
             )
+        if len(layer_groups) == 1 and (schedule == GRADUAL or lr_decay is not None):
+            # One group: gradual would unfreeze everything at once and
+            # lr_decay would scale nothing, silently. Say so instead.
+            what = "schedule gradual" if schedule == GRADUAL else f"lr_decay={lr_decay}"
+            raise UserError(
+                f"train.unfreeze: {what} needs a backbone with several layer groups, but this "
+                f"backbone is one group ({names[0]!r}: tftransfer knows no block structure for it; "
+                f"see README 'Backbones'). Use schedule all or frozen without lr_decay."
+            )
         if every is not None and every not in EVERY_CHOICES and (
             isinstance(every, bool) or not isinstance(every, int) or every < 1
         ):

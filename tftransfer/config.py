@@ -184,6 +184,10 @@ class DataConfig:
     cache: bool = True
     # Image folders: decode every file once up front so a bad file is named.
     validate_images: bool = True
+    # Image folders: leave out (and count) files that do not decode, instead of failing.
+    skip_bad_images: bool = False
+    # RGB 0-255 that transparent pixels are composited over (training and serving).
+    image_background: list = dataclasses.field(default_factory=lambda: [255.0, 255.0, 255.0])
 
     def validate(self, path):
         _one_of(f"{path}.source", self.source, DATA_SOURCES)
@@ -193,6 +197,10 @@ class DataConfig:
             raise UserError(f"{path}.train_path is required for source {self.source}.")
         if self.batch_size < 1:
             raise UserError(f"{path}.batch_size must be >= 1. Received: {self.batch_size}.")
+        bg = self.image_background
+        if (not isinstance(bg, (list, tuple)) or len(bg) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 255 for v in bg)):
+            raise UserError(f"{path}.image_background must be 3 numbers in 0-255 (RGB). Received: {bg!r}.")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise UserError(f"{path}.eval_batch_size must be >= 1 (or null). Received: {self.eval_batch_size}.")
         if self.train_per_class is not None and self.train_per_class < 1:

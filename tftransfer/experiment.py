@@ -22,7 +22,8 @@ def load_data(cfg):
         loaded = data_lib.load_digits(d.digits.classes, d.train_per_class, seed=cfg.train.seed)
     elif d.source == "image_folder":
         loaded = data_lib.load_image_folder(
-            d.train_path, d.validation_path, d.validation_fraction, cfg.train.seed, d.validate_images
+            d.train_path, d.validation_path, d.validation_fraction, cfg.train.seed, d.validate_images,
+            background=tuple(float(v) for v in d.image_background), skip_bad_images=d.skip_bad_images,
         )
     elif d.source in ("csv", "jsonl"):
         loaded = data_lib.load_text_file(

@@ -30,8 +30,11 @@ class HeadSpec:
         (independent yes/no per class), or `regression` (`num_classes` real
         outputs, MSE). Defaults to `"classification"`.
     num_classes: int. Classes, or regression outputs. Defaults to 2.
-    pooling: str. Images: `avg` or `max`; text: `cls` (BERT pooled [CLS]
-        output) or `mean` (mean of the sequence output over real tokens).
+    pooling: str. Images: `avg` or `max` (over the feature map, or over
+        the tokens of ViT-style backbones); text: `cls` (the pooled [CLS]
+        output where the backbone has a pooler — BERT, ALBERT, ELECTRA —
+        else the first token's vector) or `mean` (mean of the sequence
+        output over real tokens).
         None: `avg` for images, `cls` for text.
     dropout: float. Dropout before the output layer. Defaults to 0.
     hidden_units: int. Optional hidden ReLU layer; 0 for none. Defaults to 0.
@@ -116,8 +119,13 @@ def pool_features(features, modality, pooling, padding_mask=None, name="pool"):
                 f"pooling for an image backbone must be one of {', '.join(IMAGE_POOLINGS)}. "
                 f"Received: pooling={pooling!r}."
             )
-        layer = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
+        if len(features.shape) == 3:  # ViT / DeiT / DINOv2: a token sequence, pooled over tokens.
+            layer = keras.layers.GlobalAveragePooling1D if pooling == "avg" else keras.layers.GlobalMaxPooling1D
+        else:
+            layer = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
         return layer(name=name)(features)
+    if not isinstance(features, dict):  # RoBERTa, XLM-R, DistilBERT, DeBERTaV3: the sequence only.
+        features = {"sequence_output": features}
     pooling = pooling or "cls"
     if pooling not in TEXT_POOLINGS:
         raise UserError(
@@ -130,10 +138,9 @@ def pool_features(features, modality, pooling, padding_mask=None, name="pool"):
             features["sequence_output"], mask=padding_mask
         )
     if "pooled_output" not in features:
-        raise UserError(
-            "pooling 'cls' needs a backbone with a pooled [CLS] output (BERT); "
-            "use pooling: mean for this backbone."
-        )
+        # DistilBERT / RoBERTa / DeBERTaV3 have no pooler: the first token's
+        # vector ([CLS] / <s>), as their Hugging Face classification heads use.
+        return keras.layers.Identity(name=name)(features["sequence_output"][:, 0])
     return keras.layers.Identity(name=name)(features["pooled_output"])
 
 

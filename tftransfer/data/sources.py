@@ -21,9 +21,10 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tftransfer.data import images
 from tftransfer.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
 @dataclasses.dataclass
@@ -44,6 +45,8 @@ class LabelledData:
     # Labels in the data were integer class ids (so classes absent from the
     # data are legitimate), not class names.
     integer_ids: bool = False
+    # Image files left out because they did not decode (data.skip_bad_images).
+    skipped: list = dataclasses.field(default_factory=list)
     # k-shot: positions of the kept training examples in the source's
     # training split (None: all of them). Written to the work dir.
     train_ids: list = None
@@ -108,12 +111,21 @@ def load_digits(classes=tuple(range(10)), train_per_class=None, seed=0):
 
 
 def load_image_folder(train_path, validation_path=None, validation_fraction=0.0,
-                      seed=0, validate_images=True):
-    """Images in `root/<class name>/*`; class ids follow sorted class names."""
+                      seed=0, validate_images=True, background=images.WHITE,
+                      skip_bad_images=False):
+    """Images in `root/<class name>/*`; class ids follow sorted class names.
+
+    Files are decoded by `tftransfer.data.images.decode_image` (alpha over
+    `background`, EXIF orientation, grey/palette/16-bit/GIF), the function
+    the serving signature uses too. With `validate_images`, every file is
+    decoded once up front: an undecodable one is a `UserError` naming it, or,
+    with `skip_bad_images`, left out and counted in `LabelledData.skipped`.
+    """
     class_names = _folder_classes(train_path, "data.train_path")
     paths, labels = _folder_files(train_path, class_names, "data.train_path")
+    skipped = []
     if validate_images:
-        _check_images_decode(paths)
+        paths, labels = _check_images_decode(paths, labels, background, skip_bad_images, skipped)
     val = None
     if validation_path:
         val_names = _folder_classes(validation_path, "data.validation_path")
@@ -124,12 +136,14 @@ def load_image_folder(train_path, validation_path=None, validation_fraction=0.0,
             )
         vpaths, vlabels = _folder_files(validation_path, class_names, "data.validation_path")
         if validate_images:
-            _check_images_decode(vpaths)
-        val = _image_split(vpaths, vlabels)
+            vpaths, vlabels = _check_images_decode(vpaths, vlabels, background, skip_bad_images, skipped)
+        val = _image_split(vpaths, vlabels, background)
     elif validation_fraction:
         paths, labels, vpaths, vlabels = _holdout(paths, labels, validation_fraction, seed)
-        val = _image_split(vpaths, vlabels)
-    return LabelledData("image", _image_split(paths, labels), val, class_names)
+        val = _image_split(vpaths, vlabels, background)
+    data = LabelledData("image", _image_split(paths, labels, background), val, class_names)
+    data.skipped = skipped
+    return data
 
 
 def _folder_classes(root, where):
@@ -158,37 +172,47 @@ def _folder_files(root, class_names, where):
     return paths, labels
 
 
-def decode_image(contents):
-    """Encoded JPEG/PNG/BMP/GIF bytes -> float32 RGB 0-255 `(h, w, 3)`."""
-    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
-    return tf.cast(image, tf.float32)
+def decode_image(contents, background=images.WHITE):
+    """Encoded image bytes -> float32 RGB 0-255 `(h, w, 3)` (see `data.images`)."""
+    return images.decode_image(contents, background)
 
 
-def _check_images_decode(paths):
+def _check_images_decode(paths, labels, background, skip_bad, skipped):
     """Decode every file once (parallel, native) and name the ones that fail.
 
     tf.data errors inside `fit` do not say which file broke; this pass does,
-    before anything is written. Set `data.validate_images: false` to skip it.
+    before anything is written. Set `data.validate_images: false` to skip it,
+    or `data.skip_bad_images: true` to leave bad files out (counted).
     """
     indices = tf.data.Dataset.range(len(paths))
     files = tf.data.Dataset.from_tensor_slices(paths)
     decoded = tf.data.Dataset.zip((indices, files)).map(
-        lambda i, p: (i, tf.shape(decode_image(tf.io.read_file(p)))[0]),
+        lambda i, p: (i, tf.shape(decode_image(tf.io.read_file(p), background))[0]),
         num_parallel_calls=tf.data.AUTOTUNE,
     ).ignore_errors()
     ok = {int(i) for i, _ in decoded.as_numpy_iterator()}
     bad = [p for i, p in enumerate(paths) if i not in ok]
-    if bad:
+    if bad and not skip_bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise UserError(
-            f"Image file {bad[0]!r}{more} does not decode as JPEG/PNG/BMP/GIF; "
-            f"delete or replace it."
+            f"Image file {bad[0]!r}{more} does not decode as JPEG/PNG/BMP/GIF/WebP (corrupt or "
+            f"truncated); delete or replace it, or set data.skip_bad_images: true to leave it out."
         )
+    if bad:
+        from absl import logging
+
+        skipped.extend(bad)
+        logging.warning("data.skip_bad_images: left out %d undecodable image(s), e.g. %s", len(bad), bad[0])
+        if len(bad) == len(paths):
+            raise UserError(f"Every image file failed to decode (e.g. {bad[0]!r}); nothing to train on.")
+    keep = [i for i in range(len(paths)) if i in ok]
+    return [paths[i] for i in keep], [labels[i] for i in keep]
 
 
-def _image_split(paths, labels):
+def _image_split(paths, labels, background=images.WHITE):
     ds = tf.data.Dataset.from_tensor_slices((paths, np.array(labels, "int32")))
-    ds = ds.map(lambda p, y: (decode_image(tf.io.read_file(p)), y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda p, y: (decode_image(tf.io.read_file(p), background), y),
+                num_parallel_calls=tf.data.AUTOTUNE)
     return Split(ds, len(paths))
 
 

@@ -42,6 +42,7 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from tftransfer.data import images
 from tftransfer.errors import UserError
 
 TMP_PREFIX = ".tmp-export-"
@@ -150,10 +151,13 @@ def outputs_or_empty(heads, inputs, run_model):
 # ---------------------------------------------------------------------------
 
 
-def decode_image_bytes(image_bytes, preprocessor):
+def decode_image_bytes(image_bytes, preprocessor, background=images.WHITE):
     """Encoded image strings -> the model's float image batch, in-graph.
 
-    Every element is checked first: an empty string, or bytes that are not
+    Decoding is `tftransfer.data.images.decode_image`, the function the
+    training data goes through (alpha over a fixed background, EXIF
+    orientation, grey / palette / 16-bit / GIF), so served pixels equal
+    trained ones. Every element is checked first: an empty string, or bytes that are not
     JPEG/PNG/GIF/BMP/WebP, fail with an `InvalidArgumentError` that names
     `image_bytes[i]`; bytes with a valid header but corrupt data fail in
     the decoder (op `decode_image_bytes/...`). A failing request never
@@ -162,6 +166,9 @@ def decode_image_bytes(image_bytes, preprocessor):
     Args:
         image_bytes: string tensor `(batch,)`.
         preprocessor: the backbone's image converter (0-255 RGB in).
+        background: 3 floats. RGB 0-255 that transparent pixels are
+            composited over; must be the training data's
+            (`data.image_background`). Defaults to white.
 
     Returns:
         float32 `(batch, height, width, 3)`.
@@ -187,9 +194,8 @@ def decode_image_bytes(image_bytes, preprocessor):
             )
             check = tf.debugging.Assert(known, [message], name="image_bytes_format")
         with tf.control_dependencies([check]), tf.name_scope("decode_image_bytes"):
-            image = tf.io.decode_image(contents, channels=3, expand_animations=False)
-            image = tf.ensure_shape(image, [None, None, 3])
-        return preprocessor(tf.cast(image, tf.float32))
+            image = images.decode_image(contents, background)
+        return preprocessor(image)
 
     count = tf.shape(image_bytes, out_type=tf.int32)[0]
     return tf.map_fn(
