@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from tftransfer.errors import UserError
+from tftransfer.progress import VERBOSE_VALUES
 
 # ---------------------------------------------------------------------------
 # Schema
@@ -247,7 +248,8 @@ class TrainConfig:
     # Stop when the validation loss has not improved for this many epochs.
     early_stopping_patience: Optional[int] = None
     seed: int = 0
-    verbose: int = 2
+    # auto: a progress bar on a terminal, one line per epoch otherwise; 0, 1, 2 as in Keras.
+    verbose: Union[int, str] = "auto"
 
     def validate(self, path):
         if self.epochs < 1:
@@ -256,6 +258,8 @@ class TrainConfig:
             raise UserError(f"{path}.learning_rate must be > 0. Received: {self.learning_rate}.")
         _one_of(f"{path}.optimizer", self.optimizer, OPTIMIZERS)
         _one_of(f"{path}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.verbose not in VERBOSE_VALUES or isinstance(self.verbose, bool):
+            raise UserError(f"{path}.verbose must be one of auto, 0, 1, 2. Received: {self.verbose!r}.")
 
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")

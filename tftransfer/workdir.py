@@ -10,6 +10,7 @@
     W/export/<N>/     SavedModel versions for TF Serving (text models also
                       W/export_token_ids/<N>/: core-ops-only twin)
     W/tflite/<N>/     TFLite exports (`python -m tftransfer.export --format=tflite`)
+    W/report/         `python -m tftransfer.evaluate`: report.md, PNGs, metrics_<split>.json
     W/metrics.json    written last: its presence means the run finished
 
 Files are written to a temporary name and renamed, so a crash never leaves
@@ -32,8 +33,9 @@ MODEL = "model.keras"
 BACKBONE_PRESET = "backbone_preset"
 PREPROCESSOR = "preprocessor"
 HEADS = "heads.json"
+REPORT = "report"
 RUN_OUTPUTS = (CONFIG, METRICS, BACKUP, CHECKPOINTS, LOGS, EXPORT, MODEL, BACKBONE_PRESET,
-               PREPROCESSOR, HEADS, "export_token_ids", "tflite", "report", "cache")
+               PREPROCESSOR, HEADS, "export_token_ids", "tflite", REPORT, "cache")
 
 
 def atomic_write_text(path, text):

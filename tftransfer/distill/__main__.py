@@ -50,6 +50,7 @@ def main(argv):
     from tftransfer.distill.schedule import DistillationSchedule
     from tftransfer.distill.teacher import check_compatible, find_backbone, load_teacher
     from tftransfer.errors import UserError
+    from tftransfer.progress import keras_verbose
 
     # 1. Config: load, override, validate (nothing written yet).
     cfg = cli.load_run_config()
@@ -181,7 +182,7 @@ def main(argv):
     history = distiller.fit(
         train_ds, validation_data=val_ds, epochs=cfg.train.epochs,
         steps_per_epoch=cfg.train.steps_per_epoch, callbacks=callbacks,
-        verbose=cfg.train.verbose, shuffle=False,  # tf.data shuffles
+        verbose=keras_verbose(cfg.train.verbose), shuffle=False,  # tf.data shuffles
     )
     train_seconds = time.perf_counter() - start
 
