@@ -145,11 +145,13 @@ def _mark_stages(ax, stages):
                 fontsize=7, color="gray", va="top", rotation=90)
 
 
-def data_efficiency_png(curves, path, title="Data efficiency: transfer vs from scratch"):
+def data_efficiency_png(curves, path, title="Data efficiency: transfer vs from scratch", tick_labels=None):
     """Accuracy vs labels per class (log x), mean and min-max spread over seeds.
 
     Args:
         curves: dict `{arm label: [(labels_per_class, [accuracy per seed]), ...]}`.
+        tick_labels: dict `{labels_per_class: text}` for special ticks
+            (e.g. `"all (144)"`). Defaults to None (the numbers).
     """
     import numpy as np
 
@@ -164,7 +166,8 @@ def data_efficiency_png(curves, path, title="Data efficiency: transfer vs from s
                         label=f"{label} (min-max over seeds)")
     ax.set_xscale("log")
     ticks = sorted({x for points in curves.values() for x, _ in points})
-    ax.set_xticks(ticks, [str(t) for t in ticks])
+    labels = tick_labels or {}
+    ax.set_xticks(ticks, [labels.get(t, f"{t:g}") for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("Labelled training examples per class (log scale)")
     ax.set_ylabel("Validation accuracy")

@@ -108,11 +108,14 @@ def describe_examples(split, modality, limit=None):
     """One short description per example of a split, in order.
 
     Text: the text itself (shortened). Images: the file name when the
-    split knows it (`Split.names`, image folders), else `"image <i>"`.
+    split knows it (`Split.names`, image folders: `<class>/<file>`), else
+    `"image <i>"` (the i-th image of the split).
     """
+    import os
+
     names = getattr(split, "names", None)
-    if names:
-        return [str(n) for n in names]
+    if names:  # <class folder>/<file name>: enough to find the file, short enough for a table
+        return [os.path.join(os.path.basename(os.path.dirname(str(n))), os.path.basename(str(n))) for n in names]
     if modality == "text":
         out = []
         for x, _ in split.dataset.take(limit) if limit else split.dataset:

@@ -1,0 +1,75 @@
+"""`python -m tftransfer.compare`: both curves at every budget; a killed study resumes cell by cell."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO, TINY_DIGITS_YAML, run_cli
+
+SOURCE_YAML = TINY_DIGITS_YAML.replace("classes: [0, 1, 2], train_per_class: 20", "classes: [0, 1, 2, 3, 4]") + \
+    "export: {saved_model: false, backbone_preset: true}\n"
+
+
+def _target_yaml(preset):
+    return f"""
+name: tiny_compare
+backbone: {{preset: {preset}}}
+data:
+  source: digits
+  digits: {{classes: [5, 6, 7]}}
+  batch_size: 16
+train: {{epochs: 1, optimizer: adam}}
+"""
+
+
+def test_compare_table_and_resume_after_kill(tmp_path):
+    (tmp_path / "source.yaml").write_text(SOURCE_YAML)
+    source = tmp_path / "source"
+    trained = run_cli("tftransfer.train", f"--config={tmp_path / 'source.yaml'}", f"--workdir={source}")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    config = tmp_path / "target.yaml"
+    config.write_text(_target_yaml(source / "backbone_preset"))
+    out = tmp_path / "cmp"
+    args = [f"--config={config}", f"--workdir={out}", "--labels_per_class=2,all", "--seeds=1"]
+
+    # Kill the study (its whole process group) once the first cell is recorded.
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "tftransfer.compare", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    plan = out / "compare.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if plan.exists() and json.loads(plan.read_text())["cells"]:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    first = json.loads(plan.read_text())["cells"]
+    assert len(first) == 1
+    (done,) = first.values()
+    stamp = os.path.getmtime(os.path.join(done["workdir"], "metrics.json"))
+
+    result = run_cli("tftransfer.compare", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 cells (1 done, 3 to train)" in result.stdout
+    assert os.path.getmtime(os.path.join(done["workdir"], "metrics.json")) == stamp  # not redone
+    cells = json.loads(plan.read_text())["cells"]
+    assert sorted(cells) == ["scratch_k2_seed0", "scratch_kall_seed0", "transfer_k2_seed0", "transfer_kall_seed0"]
+    assert cells[next(iter(first))] == done
+    page = (out / "compare.md").read_text()
+    for budget in ("| 2 |", "| all (~"):
+        for arm in ("transfer (pretrained backbone)", "from scratch (same architecture)"):
+            assert f"{budget} {arm} |" in page
+    assert "Transfer gain at k=2: " in page and "k=all: " in page
+    assert (out / "data_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A source without a per-class label budget is refused in one line, before anything runs.
+    other = tmp_path / "other.yaml"
+    other.write_text(_target_yaml(source / "backbone_preset").replace(
+        "source: digits", "source: csv\n  train_path: x.csv"))
+    bad = run_cli("tftransfer.compare", f"--config={other}", f"--workdir={tmp_path / 'cmp2'}")
+    assert bad.returncode == 2 and "no per-class label budget option" in bad.stderr
+    assert not (tmp_path / "cmp2").exists()
