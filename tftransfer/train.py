@@ -97,6 +97,11 @@ def main(argv):
         ),
         keras.callbacks.TensorBoard(os.path.join(W, workdir.LOGS)),
     ]
+    if val_ds is not None and cfg.distribute.strategy != "tpu" and any(h.type == "classification" for h in heads):
+        from tftransfer.report.callback import ValidationReport
+
+        # Macro/weighted F1, top-k accuracy, ECE per epoch; before TensorBoard so it logs them.
+        callbacks.insert(-1, ValidationReport(val_ds, heads))
     if cfg.train.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor=monitor, patience=cfg.train.early_stopping_patience, restore_best_weights=True

@@ -31,14 +31,14 @@ PARALLEL = 2  # Two trainings at a time: a tiny model's process leaves a core id
 
 
 def run(*args):
+    """`python -m <args>`; its output streams through (compare shows its progress per cell)."""
     cmd = [sys.executable, "-m", *args]
     print("$ python", " ".join(cmd[1:]), flush=True)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:
         sys.stderr.write(result.stderr[-4000:])
         raise SystemExit(result.returncode)
-    return result.stdout
 
 
 def main():
@@ -55,13 +55,12 @@ def main():
         "--config.train.verbose=0")
     with open(os.path.join(source, "metrics.json")) as f:
         print(f"  source (digits 0-4) validation accuracy: {json.load(f)['validation']['accuracy']:.3f}\n")
-    out = run("tftransfer.compare", "--config=configs/quickstart.yaml", f"--workdir={compare}",
-              f"--labels_per_class={BUDGETS}", f"--seeds={SEEDS}", f"--parallel={PARALLEL}",
-              f"--config.backbone.preset={os.path.join(source, 'backbone_preset')}")
-    print(out)
+    run("tftransfer.compare", "--config=configs/quickstart.yaml", f"--workdir={compare}",
+        f"--labels_per_class={BUDGETS}", f"--seeds={SEEDS}", f"--parallel={PARALLEL}",
+        f"--config.backbone.preset={os.path.join(source, 'backbone_preset')}")
     with open(os.path.join(compare, "compare.md")) as f:
         page = f.read()
-    print(page.split("## Every cell")[0].split("## Summary (mean over seeds)")[1].strip())
+    print("\n" + page.split("## Every cell")[0].split("## Summary (mean over seeds)")[1].strip())
     total = time.perf_counter() - start
     print(f"\nWhole quickstart: {total:.0f} s. Report: {args.workdir}/compare/compare.md "
           f"(plot: data_efficiency.png). TensorBoard: tensorboard --logdir {args.workdir}.")
