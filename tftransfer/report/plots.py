@@ -131,7 +131,8 @@ def learning_curves_png(history, path, metric="accuracy", title="Learning curves
         ax.set_ylabel("Value")
         ax.set_title("Distillation schedule")
         ax.legend(fontsize=8)
-    fig.suptitle(title + (" (dotted: backbone groups unfrozen)" if len(stages) > 1 else ""), fontsize=11)
+    fig.suptitle(title + ("\ndotted lines: progressive unfreezing changes which backbone groups train"
+                          if len(stages) > 1 else ""), fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -141,7 +142,8 @@ def _mark_stages(ax, stages):
         if i == 0 and epoch == 0 and len(stages) == 1:
             continue  # One stage for the whole run: nothing to mark.
         ax.axvline(epoch + 0.5, color="gray", linestyle=":", linewidth=1)
-        ax.text(epoch + 0.55, 0.98, f"{int(groups)} groups", transform=ax.get_xaxis_transform(),
+        text = "head only" if groups == 0 else f"{int(groups)} backbone groups train"
+        ax.text(epoch + 0.55, 0.98, text, transform=ax.get_xaxis_transform(),
                 fontsize=7, color="gray", va="top", rotation=90)
 
 
