@@ -143,3 +143,19 @@ def test_compare_summary_headline_and_plot(tmp_path):
     page, _ = efficiency.write_page(str(tmp_path), cells, [2, 8, "all"], "demo", "cmd")
     assert _is_png_of(str(tmp_path / efficiency.PLOT_FILE), "data_efficiency")
     assert f"]({efficiency.PLOT_FILE})" in open(page).read()
+
+
+def test_report_page_for_multilabel_and_regression_heads(tmp_path):
+    tags = HeadSpec(name="tags", type="multilabel", num_classes=2, class_names=("x", "y"))
+    score = HeadSpec(name="score", type="regression", num_classes=1)
+    results = {
+        "tags": document.head_metrics(tags, np.array([[1, 0], [0, 1], [1, 1]]),
+                                      np.array([[0.9, 0.5], [0.6, 0.7], [0.8, 0.4]])),
+        "score": document.head_metrics(score, np.array([1.0, 2.0, 3.0]), np.array([[1.0], [2.0], [5.0]])),
+    }
+    out = document.write_report(str(tmp_path), results, "multi", "W", "validation", history=None)
+    text = open(out["report"]).read()
+    assert "| mAP | 0.9167 |" in text and "| R² | -1.0000 |" in text
+    assert "No per-epoch history" in text and out["figures"] == []
+    assert document.summary(results) == ["tags: micro_f1=0.7500, macro_f1=0.7333, map=0.9167",
+                                          "score: mse=1.3333, mae=0.6667, r2=-1.0000"]
