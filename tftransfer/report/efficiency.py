@@ -63,6 +63,10 @@ def headline(rows):
     largest = budgets[-1]
     if (largest, "scratch") not in by:
         return ["No scratch runs finished yet."]
+    if len(budgets) == 1:  # nothing to match against; the gain is the result
+        first = (f"One label budget (k={largest}); add more (e.g. --labels_per_class=2,8,32,all) to see "
+                 f"how many labels transfer saves.")
+        return [first, _gain_line(by, budgets)]
     reference = by[(largest, "scratch")]["accuracy_mean"]
     what = "all labels" if largest == ALL else f"{largest} labels per class"
     smaller = budgets[:-1]
@@ -75,18 +79,16 @@ def headline(rows):
         tried = ", ".join(str(b) for b in smaller) or "none"
         first = (f"Transfer never matches scratch with {what} ({reference:.3f} mean validation accuracy) "
                  f"with fewer labels (tried k={tried}).")
+    return [first, _gain_line(by, budgets)]
+
+
+def _gain_line(by, budgets):
     gains = []
     for b in budgets:
         if (b, "transfer") in by and (b, "scratch") in by:
             gain = 100.0 * (by[(b, "transfer")]["accuracy_mean"] - by[(b, "scratch")]["accuracy_mean"])
             gains.append(f"k={b}: {gain:+.1f} points")
-    return [first, "Transfer gain at " + ", ".join(gains) + "."]
-
-
-def _budget_text(budget, row):
-    if budget == ALL:
-        return f"all labels (~{row['labels_per_class']:.0f} per class)"
-    return f"{budget} labels per class"
+    return "Transfer gain at " + ", ".join(gains) + "."
 
 
 def curves(cells):

@@ -163,7 +163,9 @@ def data_efficiency_png(curves, path, title="Data efficiency: transfer vs from s
         xs = [x for x, _ in points]
         accs = [np.asarray(a, dtype="float64") for _, a in points]
         means = [a.mean() for a in accs]
-        ax.plot(xs, means, "-o", color=color, label=f"{label} (mean)")
+        ax.errorbar(xs, means, yerr=[[m - a.min() for m, a in zip(means, accs)],
+                                     [a.max() - m for m, a in zip(means, accs)]],
+                    fmt="-o", color=color, capsize=4, label=f"{label} (mean, bars: min-max)")
         ax.fill_between(xs, [a.min() for a in accs], [a.max() for a in accs], color=color, alpha=0.2,
                         label=f"{label} (min-max over seeds)")
     ax.set_xscale("log")
