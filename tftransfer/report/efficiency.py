@@ -117,7 +117,7 @@ def write_page(out_dir, cells, budgets, title, command):
     ticks = {r["labels_per_class"]: f"all (~{r['labels_per_class']:.0f})" for r in rows if r["budget"] == ALL}
     plot = plots.data_efficiency_png(
         curves(cells), os.path.join(out_dir, PLOT_FILE), tick_labels=ticks,
-        title=f"{title}: transfer vs from scratch\n(validation accuracy; band = min-max over seeds)",
+        title=f"{title}: transfer vs from scratch (validation accuracy)",
     )
     md = [f"# Data efficiency: {title}", "", f"Command: `{command}`", ""]
     md += [f"**{line}**" for line in lines] + ["", f"![Data efficiency]({os.path.basename(plot)})", ""]

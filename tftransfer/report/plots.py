@@ -158,18 +158,21 @@ def data_efficiency_png(curves, path, title="Data efficiency: transfer vs from s
     import numpy as np
 
     fig, ax = _figure("data_efficiency")
-    for (label, points), color in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green")):
+    for i, ((label, points), color) in enumerate(zip(curves.items(), ("tab:blue", "tab:orange", "tab:green"))):
         points = sorted(points)
         xs = [x for x, _ in points]
         accs = [np.asarray(a, dtype="float64") for _, a in points]
         means = [a.mean() for a in accs]
-        ax.errorbar(xs, means, yerr=[[m - a.min() for m, a in zip(means, accs)],
-                                     [a.max() - m for m, a in zip(means, accs)]],
-                    fmt="-o", color=color, capsize=4, label=f"{label} (mean, bars: min-max)")
-        ax.fill_between(xs, [a.min() for a in accs], [a.max() for a in accs], color=color, alpha=0.2,
-                        label=f"{label} (min-max over seeds)")
+        if len(xs) > 1:
+            ax.fill_between(xs, [a.min() for a in accs], [a.max() for a in accs], color=color, alpha=0.15)
+        # Each arm's bars a little to the side (log axis), so they never hide each other.
+        shifted = [x * (1.0 + 0.04 * (i - 0.5)) for x in xs]
+        ax.errorbar(shifted, means, yerr=[[m - a.min() for m, a in zip(means, accs)],
+                                          [a.max() - m for m, a in zip(means, accs)]],
+                    fmt="-o", color=color, capsize=4, label=f"{label}: mean; bars and band: min-max over seeds")
     ax.set_xscale("log")
     ticks = sorted({x for points in curves.values() for x, _ in points})
+    ax.set_xlim(ticks[0] / 1.6, ticks[-1] * 1.6)  # room around the end points (and a lone budget)
     labels = tick_labels or {}
     ax.set_xticks(ticks, [labels.get(t, f"{t:g}") for t in ticks])
     ax.minorticks_off()
@@ -177,6 +180,8 @@ def data_efficiency_png(curves, path, title="Data efficiency: transfer vs from s
     ax.set_ylabel("Validation accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high + 0.3 * (high - low))  # headroom: the legend never covers a point
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return _save(fig, path)
