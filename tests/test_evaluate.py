@@ -8,6 +8,7 @@ from PIL import Image
 
 from conftest import TINY_DIGITS_YAML, run_cli
 from tftransfer.report import plots
+from tftransfer.report.history import read_history
 
 
 def test_report_from_workdir_and_saved_model(tmp_path):
@@ -35,6 +36,10 @@ def test_report_from_workdir_and_saved_model(tmp_path):
     assert abs(np.trace(cm) / cm.sum() - head["accuracy"]) < 1e-9
     assert {"macro_f1", "weighted_f1", "top_k_accuracy", "ece", "most_confused", "top_losses"} <= set(head)
     assert "validation: label: accuracy=" in result.stdout
+    # Training logged the report's numbers per epoch as TensorBoard scalars too.
+    logged = read_history(os.path.join(W, "logs"))["validation"]
+    assert {"macro_f1", "weighted_f1", "top_k_accuracy", "ece", "loss", "accuracy"} <= set(logged)
+    assert [e for e, _ in logged["macro_f1"]] == [0, 1]
 
     # The exported SavedModel (what TF Serving runs) gives the same predictions.
     exported = run_cli("tftransfer.evaluate", f"--workdir={W}/export/1")
