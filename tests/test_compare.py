@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO, TINY_DIGITS_YAML, run_cli
 
 SOURCE_YAML = TINY_DIGITS_YAML.replace("classes: [0, 1, 2], train_per_class: 20", "classes: [0, 1, 2, 3, 4]") + \
@@ -53,7 +55,7 @@ def test_compare_table_and_resume_after_kill(tmp_path):
     (done,) = first.values()
     stamp = os.path.getmtime(os.path.join(done["workdir"], "metrics.json"))
 
-    result = run_cli("tftransfer.compare", *args)
+    result = run_cli("tftransfer.compare", *args, "--parallel=2")  # the rest two at a time
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4 cells (1 done, 3 to train)" in result.stdout
     assert os.path.getmtime(os.path.join(done["workdir"], "metrics.json")) == stamp  # not redone
@@ -67,10 +69,18 @@ def test_compare_table_and_resume_after_kill(tmp_path):
     assert "Transfer gain at k=2: " in page and "k=all: " in page
     assert (out / "data_efficiency.png").read_bytes()[:4] == b"\x89PNG"
 
-    # A source without a per-class label budget is refused in one line, before anything runs.
-    other = tmp_path / "other.yaml"
-    other.write_text(_target_yaml(source / "backbone_preset").replace(
-        "source: digits", "source: csv\n  train_path: x.csv"))
-    bad = run_cli("tftransfer.compare", f"--config={other}", f"--workdir={tmp_path / 'cmp2'}")
-    assert bad.returncode == 2 and "no per-class label budget option" in bad.stderr
-    assert not (tmp_path / "cmp2").exists()
+
+def test_sources_without_a_label_budget_and_random_init_are_refused():
+    from tftransfer import compare
+    from tftransfer.config import load_config
+    from tftransfer.errors import UserError
+
+    csv = load_config(text=_target_yaml("p").replace("source: digits", "source: csv\n  train_path: x.csv"))
+    with pytest.raises(UserError, match="no per-class label budget option"):
+        compare.k_shot_key(csv)
+    with pytest.raises(UserError, match="nothing pretrained"):
+        compare.k_shot_key(load_config(text=TINY_DIGITS_YAML))
+    assert compare.k_shot_key(load_config(text=_target_yaml("p"))) == "data.digits.train_per_class"
+    assert compare.parse_budgets(["all", "8", "2"]) == [2, 8, "all"]
+    with pytest.raises(UserError, match="neither a positive integer nor all"):
+        compare.parse_budgets(["0"])
