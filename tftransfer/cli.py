@@ -59,6 +59,7 @@ def start_run(cfg):
 
     from tftransfer import config as config_lib
     from tftransfer import distribute, run_loop, workdir
+    from tftransfer.progress import keras_verbose
 
     d = cfg.distribute
     if d.logical_cpus:
@@ -78,7 +79,7 @@ def start_run(cfg):
         workdir=FLAGS.workdir, out=run_loop.make_out_dir(FLAGS.workdir, cluster), strategy=strategy,
         cluster=cluster, config_text=config_text, resuming=resuming,
         backup_every_steps=cfg.train.backup_every_steps, epochs=cfg.train.epochs,
-        verbose=cfg.train.verbose,
+        verbose=keras_verbose(cfg.train.verbose),
     )
 
 

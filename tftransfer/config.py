@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from tftransfer.errors import UserError
+from tftransfer.progress import VERBOSE_VALUES
 
 # ---------------------------------------------------------------------------
 # Schema
@@ -291,7 +292,6 @@ class TrainConfig:
     # tf.config.experimental.enable_op_determinism (bitwise-repeatable
     # runs and resumes, somewhat slower).
     deterministic: bool = False
-    verbose: int = 2
     # Which weights ship (model.keras, export, metrics.json): best (the epoch
     # with the best `monitor`; default, since on small data the last epoch is
     # often past the best one) or last. Without validation data: last.
@@ -303,6 +303,8 @@ class TrainConfig:
     # after fit. auto: exactly when BatchNorm statistics changed in training.
     recompute_bn_stats: Union[bool, str] = "auto"
     bn_stats_batches: int = 200
+    # auto: a progress bar on a terminal, one line per epoch otherwise; 0, 1, 2 as in Keras.
+    verbose: Union[int, str] = "auto"
 
     def validate(self, path):
         from tftransfer.epoch_selection import KEEP_CHOICES
@@ -329,6 +331,8 @@ class TrainConfig:
         if self.backup_every_steps < 0:
             raise UserError(f"{path}.backup_every_steps must be >= 0 (0: epoch ends only). "
                             f"Received: {self.backup_every_steps}.")
+        if self.verbose not in VERBOSE_VALUES or isinstance(self.verbose, bool):
+            raise UserError(f"{path}.verbose must be one of auto, 0, 1, 2. Received: {self.verbose!r}.")
 
 
 from tftransfer.distribute import PRECISIONS, STRATEGIES  # noqa: E402  (owned there)

@@ -260,13 +260,23 @@ def monitor(cfg, has_validation):
     return cfg.train.monitor or ("val_loss" if has_validation else "loss")
 
 
-def train_callbacks(cfg, schedule, has_validation):
-    """The entrypoint's schedule callback, plus early stopping when configured.
+def train_callbacks(cfg, schedule, has_validation, val_ds=None, heads=None):
+    """The entrypoint's schedule callback, the validation report, and early stopping.
 
-    Early stopping only stops: which weights ship is `train.keep`'s decision
-    (`finish_training`), for stopped and completed runs alike.
+    With `val_ds` and classification `heads`, `ValidationReport` adds macro /
+    weighted F1, top-k accuracy and ECE to each epoch's logs (so the
+    history record and TensorBoard, which run after these callbacks, keep
+    them); not on TPU or multi-worker runs, where its extra prediction pass
+    would need its own distribution. Early stopping only stops: which
+    weights ship is `train.keep`'s decision (`finish_training`), for stopped
+    and completed runs alike.
     """
     callbacks = [schedule]
+    if (val_ds is not None and heads and cfg.distribute.strategy not in ("tpu", "multi_worker")
+            and any(h.type == "classification" for h in heads)):
+        from tftransfer.report.callback import ValidationReport
+
+        callbacks.append(ValidationReport(val_ds, heads))
     if cfg.train.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor=monitor(cfg, has_validation), patience=cfg.train.early_stopping_patience))

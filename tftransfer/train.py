@@ -58,7 +58,7 @@ def main(argv):
     # 6. Fit (resumes from W/backup/ after a kill).
     statistics_before_fit = bn_stats.snapshot(model)
     result = run.fit(model, None, val_ds, steps,
-                     experiment.train_callbacks(cfg, unfreezing, val_ds is not None),
+                     experiment.train_callbacks(cfg, unfreezing, val_ds is not None, val_ds, heads),
                      monitor=experiment.monitor(cfg, val_ds is not None),
                      train_stream=lambda first, end: pipelines((first, end))[0],
                      batches_per_pass=experiment.steps_per_epoch(

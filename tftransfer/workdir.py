@@ -12,6 +12,7 @@
     W/export/<N>/     SavedModel versions for TF Serving (text models also
                       W/export_token_ids/<N>/: core-ops-only twin)
     W/tflite/<N>/     TFLite exports (`python -m tftransfer.export --format=tflite`)
+    W/report/         `python -m tftransfer.evaluate`: report.md, PNGs, metrics_<split>.json
     W/metrics.json    written last: its presence means the run finished
 
 Files are written to a temporary name and renamed, so a crash never leaves
@@ -37,8 +38,9 @@ HEADS = "heads.json"
 HISTORY = "history.json"
 TRAIN_IDS = "train_ids.json"
 BEST_WEIGHTS = os.path.join(CHECKPOINTS, "best.weights.h5")
+REPORT = "report"
 RUN_OUTPUTS = (CONFIG, METRICS, BACKUP, CHECKPOINTS, LOGS, EXPORT, MODEL, BACKBONE_PRESET,
-               PREPROCESSOR, HEADS, HISTORY, TRAIN_IDS, "export_token_ids", "tflite", "report", "cache")
+               PREPROCESSOR, HEADS, HISTORY, TRAIN_IDS, "export_token_ids", "tflite", REPORT, "cache")
 
 
 def atomic_write_text(path, text):

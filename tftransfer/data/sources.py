@@ -29,10 +29,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 @dataclasses.dataclass
 class Split:
-    """dataset: tf.data.Dataset of `(raw_input, label)`; num_examples: int."""
+    """dataset: tf.data.Dataset of `(raw_input, label)`; num_examples: int.
+
+    names: list of str, one per example in order (image files), or None.
+    """
 
     dataset: tf.data.Dataset
     num_examples: int
+    names: list = None
 
 
 @dataclasses.dataclass
@@ -213,7 +217,7 @@ def _image_split(paths, labels, background=images.WHITE):
     ds = tf.data.Dataset.from_tensor_slices((paths, np.array(labels, "int32")))
     ds = ds.map(lambda p, y: (decode_image(tf.io.read_file(p), background), y),
                 num_parallel_calls=tf.data.AUTOTUNE)
-    return Split(ds, len(paths))
+    return Split(ds, len(paths), names=list(paths))
 
 
 def _holdout(inputs, labels, fraction, seed):
