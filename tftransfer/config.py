@@ -230,6 +230,28 @@ class UnfreezeConfig:
             raise UserError(f"{path}.lr_decay must be in (0, 1]. Received: {self.lr_decay}.")
 
 
+@dataclasses.dataclass
+class LoraConfig:
+    """Low-rank adapters instead of full fine-tuning (see tftransfer/lora.py).
+
+    rank: rank r of each update A @ B. alpha: scale alpha / r (null: r).
+    targets: `default` (BERT: attention query/value; ResNet: every Conv2D)
+        or a list of backbone layer names.
+    """
+
+    rank: int = 8
+    alpha: Optional[float] = None
+    targets: Union[str, list[str]] = "default"
+
+    def validate(self, path):
+        if self.rank < 1:
+            raise UserError(f"{path}.rank must be >= 1. Received: {self.rank}.")
+        if self.alpha is not None and self.alpha <= 0:
+            raise UserError(f"{path}.alpha must be > 0. Received: {self.alpha}.")
+        if isinstance(self.targets, str) and self.targets != "default" or self.targets == []:
+            raise UserError(f"{path}.targets must be default or a list of layer names. Received: {self.targets!r}.")
+
+
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "slanted_triangular")
 
@@ -248,8 +270,17 @@ class TrainConfig:
     early_stopping_patience: Optional[int] = None
     seed: int = 0
     verbose: int = 2
+    # LoRA adapters (null: off). The base stays frozen; no unfreeze schedule.
+    lora: Optional[LoraConfig] = None
 
     def validate(self, path):
+        u = self.unfreeze
+        if self.lora is not None and (u.schedule != "all" or u.lr_decay is not None or u.train_bn):
+            raise UserError(
+                f"{path}.lora with {path}.unfreeze: LoRA keeps every base weight frozen and trains adapters "
+                f"and heads, an unfreeze schedule trains base weights group by group; use one of them "
+                f"(remove {path}.unfreeze or {path}.lora)."
+            )
         if self.epochs < 1:
             raise UserError(f"{path}.epochs must be >= 1. Received: {self.epochs}.")
         if self.learning_rate <= 0:
@@ -369,6 +400,11 @@ class ExperimentConfig:
     def validate(self, path):
         if not self.heads:
             raise UserError(f"{path or 'config'}.heads must list at least one head.")
+        if self.distill is not None and self.train.lora is not None:
+            raise UserError(
+                "train.lora with distill: tftransfer.distill trains the whole student, LoRA adapters on a "
+                "distilled student are not supported; remove train.lora (or distill)."
+            )
         names = [h.name for h in self.heads]
         if len(set(names)) != len(names):
             raise UserError(f"heads: head names must be unique. Received: {names}.")

@@ -58,13 +58,16 @@ def main(argv):
         from tftransfer.builders import build_model, compile_for_heads
 
         model = build_model(loaded, heads)
+        from tftransfer import lora
+
+        adapters = lora.apply_from_config(cfg, loaded, model)  # train.lora: frozen base + adapters; else None
         from tftransfer.callbacks import ProgressiveUnfreezing
 
         unfreeze = cfg.train.unfreeze
         train_bn = unfreeze.train_bn
         if train_bn is None:  # Frozen statistics only make sense when pretrained.
             train_bn = not loaded.description.get("pretrained", True)
-        unfreezing = ProgressiveUnfreezing(
+        unfreezing = adapters or ProgressiveUnfreezing(
             loaded.layer_groups, schedule=unfreeze.schedule, unit=unfreeze.unit,
             train_bn=train_bn, lr_decay=unfreeze.lr_decay,  # None: one learning rate
             log_dir=os.path.join(W, workdir.LOGS),
@@ -130,6 +133,8 @@ def main(argv):
 
     # W/preprocessor/ + W/heads.json: what `python -m tftransfer.export` needs.
     save_serving_assets(W, loaded, heads)
+    if adapters:
+        adapters.save(W, heads)  # W/lora/: adapters + heads, base named and hashed
     if cfg.export.backbone_preset:
         from tftransfer.backbones import save_backbone_preset
 

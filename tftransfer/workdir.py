@@ -10,6 +10,7 @@
     W/export/<N>/     SavedModel versions for TF Serving (text models also
                       W/export_token_ids/<N>/: core-ops-only twin)
     W/tflite/<N>/     TFLite exports (`python -m tftransfer.export --format=tflite`)
+    W/lora/           LoRA runs: adapters + heads, base named and hashed (tftransfer.lora)
     W/metrics.json    written last: its presence means the run finished
 
 Files are written to a temporary name and renamed, so a crash never leaves
@@ -32,8 +33,9 @@ MODEL = "model.keras"
 BACKBONE_PRESET = "backbone_preset"
 PREPROCESSOR = "preprocessor"
 HEADS = "heads.json"
+LORA = "lora"
 RUN_OUTPUTS = (CONFIG, METRICS, BACKUP, CHECKPOINTS, LOGS, EXPORT, MODEL, BACKBONE_PRESET,
-               PREPROCESSOR, HEADS, "export_token_ids", "tflite", "report", "cache")
+               PREPROCESSOR, HEADS, "export_token_ids", "tflite", "report", "cache", LORA)
 
 
 def atomic_write_text(path, text):
@@ -48,6 +50,31 @@ def atomic_write_text(path, text):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_directory(path, writers):
+    """Replace directory `path` atomically: each `writers[name](file path)` fills a temporary twin first."""
+    import shutil
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-dir-", dir=parent)
+    old = None
+    try:
+        for name, write in writers.items():
+            write(os.path.join(tmp, name))
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".tmp-old-", dir=parent)
+            os.rename(path, os.path.join(old, "d"))
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old and not os.path.exists(path):
+            os.rename(os.path.join(old, "d"), path)
+        raise
+    finally:
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path, data):

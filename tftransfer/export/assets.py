@@ -260,7 +260,13 @@ def _export(workdir, assets, bases, export_base, version, overwrite, format, qua
             )
     if format == "saved_model" and quantize == "int8":
         quantize_lib.check_keras_int8(assets.modality)  # before the slow model load
-    model = load_trained_model(workdir)
+    from tftransfer import lora
+    from tftransfer.workdir import LORA
+
+    if lora.is_artefact(os.path.join(workdir, LORA)):  # base (hash-checked) + adapters, merged
+        model = lora.merge(lora.load_adapter_model(os.path.join(workdir, LORA))[0])
+    else:
+        model = load_trained_model(workdir)
     metadata = {"backbone": assets.backbone, "config": _training_config(workdir)}
     if format == "saved_model":
         record = None
