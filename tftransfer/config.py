@@ -355,6 +355,11 @@ class DistillConfig:
     # Unlabelled text for the transfer set (soft targets only): .txt (one
     # example per line), or .csv / .jsonl with the data.input_key column.
     transfer_path: Optional[str] = None
+    # Match every student transformer layer's hidden states to a teacher
+    # layer through a learned projection (tftransfer/distill/features.py):
+    # `layerwise` (evenly spaced) or [[teacher index, student index], ...].
+    # Weighted by feature_loss_weight; needs cache: none.
+    features: Optional[Union[str, list]] = None
 
     def validate(self, path):
         if isinstance(self.teacher, str):
@@ -383,6 +388,20 @@ class DistillConfig:
             )
         if self.teacher_layers is not None and not self.init_from_teacher:
             raise UserError(f"{path}.teacher_layers needs {path}.init_from_teacher: true.")
+        if self.features is not None:
+            if isinstance(self.features, str) and self.features != "layerwise":
+                raise UserError(f"{path}.features must be layerwise or a list of [teacher, student] layer "
+                                f"index pairs. Received: {self.features!r}.")
+            if not self.feature_loss_weight:
+                raise UserError(f"{path}.features needs {path}.feature_loss_weight > 0 (e.g. 1.0).")
+            if self.cache != "none":
+                raise UserError(
+                    f"{path}.features: layerwise distillation reads the teacher's hidden states every step, "
+                    f"which the teacher-output cache does not hold; set {path}.cache: none."
+                )
+            if self.teacher_feature_layer or self.student_feature_layer:
+                raise UserError(f"{path}.features replaces the single hint; remove "
+                                f"{path}.teacher_feature_layer / student_feature_layer.")
 
 
 @dataclasses.dataclass

@@ -110,7 +110,7 @@ def main(argv):
             teacher.model, student, heads, alpha=dcfg.alpha, temperature=dcfg.temperature,
             feature_loss_weight=dcfg.feature_loss_weight, feature_loss=dcfg.feature_loss,
             teacher_feature_layer=dcfg.teacher_feature_layer,
-            student_feature_layer=dcfg.student_feature_layer,
+            student_feature_layer=dcfg.student_feature_layer, features=dcfg.features,
         )
         distiller.compile(
             experiment.optimizer(cfg, steps * cfg.train.epochs),
