@@ -103,17 +103,6 @@ def test_config_refuses_unfreeze_distill_and_random_init():
         lora.base_spec(cfg.backbone)
 
 
-def _csv(path, rows):
-    import csv
-
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        for text, label in rows:
-            w.writerow([text, "positive" if label else "negative"])
-    return str(path)
-
-
 FRESH = textwrap.dedent("""
     import json, sys
     import numpy as np
@@ -121,62 +110,41 @@ FRESH = textwrap.dedent("""
     spec = json.load(open(sys.argv[1]))
     loaded = tf.saved_model.load(spec["path"])
     names = [v.name for v in loaded.variables]
-    ids = {k: tf.constant(np.array(v, "int32")) for k, v in spec["ids"].items()}
-    out = loaded.signatures["serving_default"](**ids)["probabilities"].numpy()
+    x = tf.constant(np.array(spec["image"], "float32"))
+    out = loaded.signatures["serve_preprocessed"](image=x)["probabilities"].numpy()
     print(json.dumps({"names": names, "probabilities": out.tolist(),
                       "keras_hub": "keras_hub" in sys.modules, "tftransfer": "tftransfer" in sys.modules}))
 """)
 
 
-def test_cli_train_artefact_merged_export_and_changed_base(bert_preset, tmp_path):
-    config = tmp_path / "lora.yaml"
-    config.write_text(f"""
-name: lora_unit
-backbone: {{preset: {bert_preset}, sequence_length: 16}}
-data: {{source: csv, train_path: {_csv(tmp_path / "train.csv", TRAIN)},
-        validation_path: {_csv(tmp_path / "val.csv", HELD_OUT)}, batch_size: 8}}
-train: {{epochs: 2, optimizer: adam, learning_rate: 0.01, verbose: 0, lora: {{rank: 4, alpha: 8}}}}
-export: {{saved_model: false}}
-""")
-    W = str(tmp_path / "w")
-    proc = run_cli("tftransfer.train", f"--config={config}", f"--workdir={W}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "LoRA rank 4 (alpha 8.0) on 4 layers:" in proc.stderr and "trainable parameters =" in proc.stderr
-    info = json.load(open(os.path.join(W, "lora", "adapter.json")))
-    assert info["base"]["preset"] == bert_preset and len(info["base_sha256"]) == 64
-    assert sorted(os.listdir(os.path.join(W, "lora"))) == ["adapter.json", "weights.npz"]
-
-    # The artefact on a fresh base gives the trained model's outputs.
-    model, loaded, heads, _ = lora.load_adapter_model(os.path.join(W, "lora"))
-    trained = tftransfer.export.load_trained_model(W)  # model.keras: merged kernels
+def test_text_artefact_reloads_onto_a_fresh_base_and_merges(bert_preset, tmp_path):
+    keras.utils.set_random_seed(3)
+    cfg = config_lib.load_config(
+        text=f"backbone: {{preset: {bert_preset}, sequence_length: 16}}\ntrain: {{lora: {{rank: 4, alpha: 8}}}}")
+    loaded = tftransfer.load_backbone(preset=bert_preset, sequence_length=16)
+    heads = [HeadSpec(num_classes=2, class_names=("negative", "positive"))]
+    model = tftransfer.build_model(loaded, heads)
+    adapters = lora.apply_from_config(cfg, loaded, model)
+    x = ids_of(loaded, [t for t, _ in TRAIN])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss={"label": "sparse_categorical_crossentropy"})
+    model.fit(x, {"label": np.array([l for _, l in TRAIN])}, epochs=2, batch_size=8, verbose=0,
+              callbacks=[adapters])
+    directory = adapters.save(str(tmp_path), heads)
+    assert sorted(os.listdir(directory)) == ["adapter.json", "weights.npz"]
     ids = ids_of(loaded, [t for t, _ in HELD_OUT[:6]])
-    expected = tf.nn.softmax(model(ids)["label"]).numpy()
-    np.testing.assert_allclose(tf.nn.softmax(trained(ids)["label"]).numpy(), expected, atol=1e-6)
+    expected = model(ids)["label"].numpy()
 
-    proc = run_cli("tftransfer.export", f"--workdir={W}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"path": os.path.join(W, "export_token_ids", "1"),
-                                "ids": {k: v.tolist() for k, v in ids.items()}}))
-    fresh = subprocess.run([sys.executable, "-c", FRESH, str(spec)], capture_output=True, text=True,
-                           timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
-    result = json.loads(fresh.stdout.strip().splitlines()[-1])
-    assert not result["keras_hub"] and not result["tftransfer"]
-    assert result["names"] and not [n for n in result["names"] if "lora" in n]
-    np.testing.assert_allclose(np.array(result["probabilities"]), expected, atol=1e-5, rtol=0)
-
-    # A different base under the same name: one line, exit 2, nothing exported.
-    keras.utils.set_random_seed(7)
-    save_backbone_preset(tftransfer.load_backbone(spec=SPEC, sequence_length=16), bert_preset)
-    proc = run_cli("tftransfer.export", f"--workdir={W}")
-    assert proc.returncode == 2
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert len(errors) == 1 and "the base changed" in errors[0] and "Traceback" not in proc.stderr
-    assert sorted(os.listdir(os.path.join(W, "export"))) == ["1"]
+    fresh, _, _, info = lora.load_adapter_model(directory)  # base reloaded from the preset dir
+    assert info["base"]["preset"] == bert_preset and info["params"]["trainable"] == lora.count_params(
+        model.trainable_weights)
+    np.testing.assert_allclose(fresh(ids)["label"].numpy(), expected, atol=1e-6)
+    plain = lora.merge(fresh)
+    assert not [v.path for v in plain.weights if "lora" in v.path]
+    assert not any(getattr(l, "lora_enabled", False) for l in plain._flatten_layers())
+    np.testing.assert_allclose(plain(ids)["label"].numpy(), expected, atol=1e-5)
 
 
-def test_killed_lora_run_resumes(tmp_path):
+def test_killed_lora_run_resumes_exports_merged_and_refuses_a_changed_base(tmp_path):
     keras.utils.set_random_seed(0)
     preset = str(tmp_path / "tiny_resnet")
     save_backbone_preset(tftransfer.load_backbone(spec=dict(TINY_RESNET), image_size=16), preset)
@@ -204,3 +172,28 @@ export: {{saved_model: false}}
     assert "(resuming)" in result.stderr and "LoRA rank 2" in result.stderr
     assert json.load(open(os.path.join(W, "metrics.json")))["epochs"] < 8
     assert os.path.isfile(os.path.join(W, "lora", "adapter.json"))
+
+    # Export from the artefact: adapters merged, no LoRA variables, same outputs in plain TensorFlow.
+    model, loaded, _, _ = lora.load_adapter_model(os.path.join(W, "lora"))
+    image = np.random.RandomState(0).rand(3, 16, 16, 3).astype("float32")
+    expected = tf.nn.softmax(model(image)["label"]).numpy()
+    proc = run_cli("tftransfer.export", f"--workdir={W}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"path": os.path.join(W, "export", "1"), "image": image.tolist()}))
+    fresh = subprocess.run([sys.executable, "-c", FRESH, str(spec)], capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    got = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert not got["keras_hub"] and not got["tftransfer"]
+    assert got["names"] and not [n for n in got["names"] if "lora" in n]
+    np.testing.assert_allclose(np.array(got["probabilities"]), expected, atol=1e-5, rtol=0)
+
+    # A different base under the same name: one line, exit 2, nothing exported.
+    keras.utils.set_random_seed(7)
+    save_backbone_preset(tftransfer.load_backbone(spec=dict(TINY_RESNET), image_size=16), preset)
+    proc = run_cli("tftransfer.export", f"--workdir={W}")
+    assert proc.returncode == 2
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "the base changed" in errors[0] and "Traceback" not in proc.stderr
+    assert sorted(os.listdir(os.path.join(W, "export"))) == ["1"]

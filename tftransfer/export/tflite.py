@@ -113,8 +113,9 @@ def convert(model, preprocessor, modality, heads, quantize="none", representativ
         if quantize == "float16":
             converter.target_spec.supported_types = [tf.float16]
         if quantize == "int8":
+            dtype = "float32" if modality == "image" else "int32"  # the signature's (a bool mask is cast)
             converter.representative_dataset = lambda: (
-                {k: np.asarray(v) for k, v in batch.items()} for batch in representative_data
+                {k: np.asarray(v).astype(dtype) for k, v in batch.items()} for batch in representative_data
             )
             # Int8 kernels only: conversion fails rather than silently keep
             # float ops (the converter itself keeps NEG in float; see above).
@@ -135,11 +136,12 @@ def interpreter_predict(flatbuffer):
         warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
         interpreter = tf.lite.Interpreter(model_content=flatbuffer)
     runner = interpreter.get_signature_runner()
+    dtypes = {name: d["dtype"] for name, d in runner.get_input_details().items()}
 
     def predict(inputs):
         if not isinstance(inputs, dict):
             inputs = {"image": inputs}
-        return runner(**{k: np.asarray(v) for k, v in inputs.items()})
+        return runner(**{k: np.asarray(v).astype(dtypes[k]) for k, v in inputs.items()})
 
     return predict
 
