@@ -144,7 +144,8 @@ def main(argv):
 
         metadata = {"backbone": loaded.description, "config": config_lib.to_dict(cfg)}
         metrics["export"] = export_saved_model(
-            model, loaded.preprocessor, loaded.modality, heads,
+            lora.merge(model) if adapters else model,  # LoRA: adapters merged, no LoRA variables
+            loaded.preprocessor, loaded.modality, heads,
             os.path.join(W, workdir.EXPORT), metadata=metadata,
         )
     workdir.write_json(os.path.join(W, workdir.METRICS), metrics)
