@@ -360,3 +360,51 @@ def test_cli_mismatched_teacher_or_augmented_cache_exits_2(teacher_workdir, tmp_
     config = _student_config(tmp_path, teacher_workdir)
     result = run_cli("tftransfer.distill", f"--config={config}", f"--workdir={W}", override)
     _assert_user_error(result, W, fragment)
+
+
+# ---------------------------------------------------------------------------
+# Layerwise feature distillation (narrow, shallow students)
+# ---------------------------------------------------------------------------
+
+
+def test_layerwise_projections_train_loss_falls_and_student_exports_without_them(tmp_path):
+    from tftransfer.distill.features import LayerwiseFeatures
+
+    t_loaded, teacher = _tiny_text_model(11, num_layers=4, hidden_dim=32, intermediate_dim=64)
+    s_loaded, student = _tiny_text_model(12)  # 2 layers, width 16: narrower and shallower
+    init_from_teacher(s_loaded.model, t_loaded.model)
+    distiller = Distiller(teacher, student, HEADS, alpha=0.5, features="layerwise", feature_loss_weight=1.0)
+    layerwise = distiller.layerwise
+    assert isinstance(layerwise, LayerwiseFeatures)
+    assert layerwise.pairs == [(0, 0), (3, 1)]  # one per student layer, evenly spaced
+    assert [tuple(p.kernel.shape) for p in layerwise.projections] == [(16, 32), (16, 32)]
+    projection_ids = {id(p.kernel) for p in layerwise.projections}
+    assert projection_ids <= {id(v) for v in distiller.trainable_weights}
+    before = [p.kernel.numpy().copy() for p in layerwise.projections]
+
+    distiller.compile(keras.optimizers.Adam(1e-2), metrics=ACCURACY)
+    train = make_pipeline(_text_split(), s_loaded.preprocessor, "text", HEADS, 16, training=True)  # some unlabelled
+    history = distiller.fit(train, epochs=4, verbose=0).history["layerwise_loss"]
+    assert history[-1] < 0.7 * history[0], history
+    assert all(not np.array_equal(b, p.kernel.numpy()) for b, p in zip(before, layerwise.projections))
+
+    path = str(tmp_path / "student.keras")
+    student.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert reloaded.count_params() == student.count_params()
+    assert not [v.path for v in reloaded.weights if "layerwise" in v.path]
+
+
+def test_layerwise_pairs_and_config_errors():
+    from tftransfer import config as config_lib
+    from tftransfer.distill.features import resolve_pairs
+
+    assert resolve_pairs([[5, 1], [1, 0]], 6, 2) == [(5, 1), (1, 0)]
+    with pytest.raises(UserError, match=r"distill.features.0: \[6, 0\] is out of range"):
+        resolve_pairs([[6, 0]], 6, 2)
+    with pytest.raises(UserError, match="set distill.cache: none"):
+        config_lib.load_config(text="distill: {teacher: x, features: layerwise, feature_loss_weight: 1}")
+    with pytest.raises(UserError, match="needs distill.feature_loss_weight > 0"):
+        config_lib.load_config(text="distill: {teacher: x, features: layerwise, cache: none}")
+    with pytest.raises(UserError, match="must be layerwise or a list"):
+        config_lib.load_config(text="distill: {teacher: x, features: all, cache: none, feature_loss_weight: 1}")

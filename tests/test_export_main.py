@@ -115,3 +115,24 @@ def test_export_workdir_user_errors(image_workdir, tmp_path):
     os.link(os.path.join(workdir, "model.keras"), old / "model.keras")
     with pytest.raises(UserError, match=r"heads.json' is missing"):
         export_workdir(str(old))
+
+
+def test_export_workdir_text_keras_int8_saved_model_measures_and_serves(tmp_path):
+    workdir, loaded, model = make_workdir(tmp_path / "text_int8", "text")
+    sentences = ["the movie was good", "boring !", "a great film", "not fun", "awful movie", "very good"]
+    ids = {k: np.asarray(v).astype("int32") for k, v in loaded.preprocessor(tf.constant(sentences)).items()}
+    float_classes = np.argmax(keras.ops.convert_to_numpy(model(ids)["label"]), -1)
+    validation = [(ids, {"label": float_classes})]  # labels = float predictions: float accuracy is 1
+    result = export_workdir(workdir, quantize="int8", validation_data=validation, max_accuracy_drop=1.0)
+    record = result["accuracy"]
+    assert record["float"]["label"] == 1.0 and record["quantize"] == "int8"
+    twin = os.path.join(token_ids_base(os.path.join(workdir, "export")), "1")
+    served = tf.saved_model.load(twin).signatures["serving_default"]
+    got = served(**{k: tf.constant(v) for k, v in ids.items()})["probabilities"].numpy()
+    expected = keras.ops.convert_to_numpy(keras.ops.softmax(model(ids)["label"]))
+    assert np.abs(got - expected).max() < 0.05  # int8 weights vs the float model
+    assert any(v.dtype == tf.int8 for v in tf.saved_model.load(twin).variables)
+    with open(os.path.join(result["path"], "assets", "tftransfer.json")) as f:
+        assert yaml.safe_load(f)["accuracy"]["quantized"]["label"] == record["quantized"]["label"]
+    with pytest.raises(UserError, match="leaves Conv2D layers in float32"):
+        export_workdir(make_workdir(tmp_path / "image_int8", "image")[0], quantize="int8")

@@ -267,6 +267,28 @@ class UnfreezeConfig:
             raise UserError(f"{path}.lr_decay must be in (0, 1]. Received: {self.lr_decay}.")
 
 
+@dataclasses.dataclass
+class LoraConfig:
+    """Low-rank adapters instead of full fine-tuning (see tftransfer/lora.py).
+
+    rank: rank r of each update A @ B. alpha: scale alpha / r (null: r).
+    targets: `default` (BERT: attention query/value; ResNet: every Conv2D)
+        or a list of backbone layer names.
+    """
+
+    rank: int = 8
+    alpha: Optional[float] = None
+    targets: Union[str, list[str]] = "default"
+
+    def validate(self, path):
+        if self.rank < 1:
+            raise UserError(f"{path}.rank must be >= 1. Received: {self.rank}.")
+        if self.alpha is not None and self.alpha <= 0:
+            raise UserError(f"{path}.alpha must be > 0. Received: {self.alpha}.")
+        if isinstance(self.targets, str) and self.targets != "default" or self.targets == []:
+            raise UserError(f"{path}.targets must be default or a list of layer names. Received: {self.targets!r}.")
+
+
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "slanted_triangular")
 
@@ -305,10 +327,19 @@ class TrainConfig:
     bn_stats_batches: int = 200
     # auto: a progress bar on a terminal, one line per epoch otherwise; 0, 1, 2 as in Keras.
     verbose: Union[int, str] = "auto"
+    # LoRA adapters (null: off). The base stays frozen; no unfreeze schedule.
+    lora: Optional[LoraConfig] = None
 
     def validate(self, path):
         from tftransfer.epoch_selection import KEEP_CHOICES
 
+        u = self.unfreeze
+        if self.lora is not None and (u.schedule != "all" or u.lr_decay is not None or u.train_bn):
+            raise UserError(
+                f"{path}.lora with {path}.unfreeze: LoRA keeps every base weight frozen and trains adapters "
+                f"and heads, an unfreeze schedule trains base weights group by group; use one of them "
+                f"(remove {path}.unfreeze or {path}.lora)."
+            )
         if self.epochs < 1:
             raise UserError(f"{path}.epochs must be >= 1. Received: {self.epochs}.")
         _one_of(f"{path}.keep", self.keep, KEEP_CHOICES)
@@ -405,6 +436,11 @@ class DistillConfig:
     # Unlabelled text for the transfer set (soft targets only): .txt (one
     # example per line), or .csv / .jsonl with the data.input_key column.
     transfer_path: Optional[str] = None
+    # Match every student transformer layer's hidden states to a teacher
+    # layer through a learned projection (tftransfer/distill/features.py):
+    # `layerwise` (evenly spaced) or [[teacher index, student index], ...].
+    # Weighted by feature_loss_weight; needs cache: none.
+    features: Optional[Union[str, list]] = None
 
     def validate(self, path):
         if isinstance(self.teacher, str):
@@ -433,6 +469,20 @@ class DistillConfig:
             )
         if self.teacher_layers is not None and not self.init_from_teacher:
             raise UserError(f"{path}.teacher_layers needs {path}.init_from_teacher: true.")
+        if self.features is not None:
+            if isinstance(self.features, str) and self.features != "layerwise":
+                raise UserError(f"{path}.features must be layerwise or a list of [teacher, student] layer "
+                                f"index pairs. Received: {self.features!r}.")
+            if not self.feature_loss_weight:
+                raise UserError(f"{path}.features needs {path}.feature_loss_weight > 0 (e.g. 1.0).")
+            if self.cache != "none":
+                raise UserError(
+                    f"{path}.features: layerwise distillation reads the teacher's hidden states every step, "
+                    f"which the teacher-output cache does not hold; set {path}.cache: none."
+                )
+            if self.teacher_feature_layer or self.student_feature_layer:
+                raise UserError(f"{path}.features replaces the single hint; remove "
+                                f"{path}.teacher_feature_layer / student_feature_layer.")
 
 
 @dataclasses.dataclass
@@ -473,6 +523,11 @@ class ExperimentConfig:
     def validate(self, path):
         if not self.heads:
             raise UserError(f"{path or 'config'}.heads must list at least one head.")
+        if self.distill is not None and self.train.lora is not None:
+            raise UserError(
+                "train.lora with distill: tftransfer.distill trains the whole student, LoRA adapters on a "
+                "distilled student are not supported; remove train.lora (or distill)."
+            )
         names = [h.name for h in self.heads]
         if len(set(names)) != len(names):
             raise UserError(f"heads: head names must be unique. Received: {names}.")

@@ -241,12 +241,16 @@ def transfer_model(cfg, loaded, heads, total_steps, log_dir=None):
     from tftransfer.builders import build_model, compile_for_heads
     from tftransfer.callbacks import ProgressiveUnfreezing
 
+    from tftransfer import lora
+
     model = build_model(loaded, heads)
+    # train.lora: frozen base + adapters, trained by the adapters' own callback.
+    adapters = lora.apply_from_config(cfg, loaded, model)
     unfreeze = cfg.train.unfreeze
     train_bn = unfreeze.train_bn
     if train_bn is None:  # Frozen statistics only make sense when pretrained.
         train_bn = not loaded.description.get("pretrained", True)
-    unfreezing = ProgressiveUnfreezing(
+    unfreezing = adapters or ProgressiveUnfreezing(
         loaded.layer_groups, schedule=unfreeze.schedule, unit=unfreeze.unit,
         train_bn=train_bn, lr_decay=unfreeze.lr_decay,  # None: one learning rate
         log_dir=log_dir, every=unfreeze.every,
@@ -339,17 +343,26 @@ def run_summary(cfg, global_batch):
             "jit_compile": d.jit_compile}
 
 
-def export(cfg, run, model, loaded, heads, metadata=None):
+def export(cfg, run, model, loaded, heads, metadata=None, adapters=None):
     """W/preprocessor/ + W/heads.json (what `python -m tftransfer.export` needs),
-    the backbone preset and the SavedModel version, as the config asks.
+    the LoRA artefact, the backbone preset and the SavedModel version, as the
+    config asks.
+
+    Args:
+        adapters: `tftransfer.lora.LoRATraining` of a LoRA run, or None. Its
+            adapters and heads go to `W/lora/`, and the SavedModel gets the
+            adapters merged into plain kernels.
 
     Returns the export description for metrics.json, or None.
     """
     from tftransfer import config as config_lib
-    from tftransfer import workdir
+    from tftransfer import lora, workdir
     from tftransfer.export import export_saved_model, save_serving_assets
 
     save_serving_assets(run.out, loaded, heads)
+    if adapters is not None:
+        adapters.save(run.out, heads)  # W/lora/: adapters + heads, base named and hashed
+        model = lora.merge(model)  # no LoRA variables in the served model
     if cfg.export.backbone_preset:
         from tftransfer.backbones import save_backbone_preset
 
@@ -358,4 +371,5 @@ def export(cfg, run, model, loaded, heads, metadata=None):
         return None
     metadata = {"backbone": loaded.description, "config": config_lib.to_dict(cfg), **(metadata or {})}
     return export_saved_model(model, loaded.preprocessor, loaded.modality, heads,
-                              run.path(workdir.EXPORT), metadata=metadata)
+                              run.path(workdir.EXPORT), metadata=metadata,
+                              image_background=getattr(cfg.data, "image_background", None))

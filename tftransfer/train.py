@@ -76,7 +76,8 @@ def main(argv):
             k: float(v) for k, v in model.evaluate(val_ds, return_dict=True, verbose=0).items()}
         metrics["num_validation_examples"] = labelled.validation.num_examples
     run.save_model(model)
-    export = experiment.export(cfg, run, model, loaded, heads)
+    adapters = unfreezing if cfg.train.lora is not None else None  # LoRA: its callback holds the adapters
+    export = experiment.export(cfg, run, model, loaded, heads, adapters=adapters)
     if export is not None:
         metrics["export"] = export
     run.finish(metrics)

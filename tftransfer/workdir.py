@@ -13,6 +13,7 @@
                       W/export_token_ids/<N>/: core-ops-only twin)
     W/tflite/<N>/     TFLite exports (`python -m tftransfer.export --format=tflite`)
     W/report/         `python -m tftransfer.evaluate`: report.md, PNGs, metrics_<split>.json
+    W/lora/           LoRA runs: adapters + heads, base named and hashed (tftransfer.lora)
     W/metrics.json    written last: its presence means the run finished
 
 Files are written to a temporary name and renamed, so a crash never leaves
@@ -39,8 +40,9 @@ HISTORY = "history.json"
 TRAIN_IDS = "train_ids.json"
 BEST_WEIGHTS = os.path.join(CHECKPOINTS, "best.weights.h5")
 REPORT = "report"
+LORA = "lora"
 RUN_OUTPUTS = (CONFIG, METRICS, BACKUP, CHECKPOINTS, LOGS, EXPORT, MODEL, BACKBONE_PRESET,
-               PREPROCESSOR, HEADS, HISTORY, TRAIN_IDS, "export_token_ids", "tflite", REPORT, "cache")
+               PREPROCESSOR, HEADS, HISTORY, TRAIN_IDS, "export_token_ids", "tflite", REPORT, "cache", LORA)
 
 
 def atomic_write_text(path, text):
@@ -55,6 +57,31 @@ def atomic_write_text(path, text):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_directory(path, writers):
+    """Replace directory `path` atomically: each `writers[name](file path)` fills a temporary twin first."""
+    import shutil
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-dir-", dir=parent)
+    old = None
+    try:
+        for name, write in writers.items():
+            write(os.path.join(tmp, name))
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=".tmp-old-", dir=parent)
+            os.rename(path, os.path.join(old, "d"))
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old and not os.path.exists(path):
+            os.rename(os.path.join(old, "d"), path)
+        raise
+    finally:
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path, data):

@@ -192,7 +192,7 @@ def _distiller(cfg, teacher, student, heads, total_steps):
         teacher.model, student, heads, alpha=dcfg.alpha, temperature=dcfg.temperature,
         feature_loss_weight=dcfg.feature_loss_weight, feature_loss=dcfg.feature_loss,
         teacher_feature_layer=dcfg.teacher_feature_layer,
-        student_feature_layer=dcfg.student_feature_layer,
+        student_feature_layer=dcfg.student_feature_layer, features=dcfg.features,
     )
     distiller.compile(
         experiment.optimizer(cfg, total_steps), metrics={h.name: h.metrics() for h in heads},

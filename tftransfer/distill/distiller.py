@@ -20,6 +20,9 @@ What it lacks, and the minimum added here (each marked `# Why:` below):
   `tftransfer.distill.cache`) and the teacher is then skipped.
 - unlabelled transfer data (label `-1`): masked out of the hard-label
   loss and of the metrics.
+- layerwise hidden-state matching through learned projections
+  (`features="layerwise"`, `tftransfer.distill.features`): Keras'
+  `FeatureDistillation` matches one pair of top-level layers only.
 """
 
 import keras
@@ -125,6 +128,12 @@ class Distiller(keras.distillation.Distiller):
         teacher_feature_layer: str. Top-level teacher layer for the hint.
             Defaults to None: `<first head>_pool` (the pooled features).
         student_feature_layer: str. Defaults to None: `<first head>_pool`.
+        features: `"layerwise"` or list of `[teacher layer, student layer]`
+            indices: match transformer hidden states layer by layer
+            (`tftransfer.distill.features.LayerwiseFeatures`, weighted by
+            `feature_loss_weight`) instead of the single hint. Text
+            backbones, one teacher, no cached teacher outputs. Defaults to
+            None.
         name: str. Defaults to `"distiller"`.
 
     Example:
@@ -139,7 +148,7 @@ class Distiller(keras.distillation.Distiller):
 
     def __init__(self, teacher, student, heads, alpha=0.1, temperature=2.0,
                  feature_loss_weight=0.0, feature_loss="similarity", teacher_feature_layer=None,
-                 student_feature_layer=None, name="distiller", **kwargs):
+                 student_feature_layer=None, features=None, name="distiller", **kwargs):
         heads = list(heads)
         for head in heads:
             if head.type != "classification":
@@ -165,7 +174,21 @@ class Distiller(keras.distillation.Distiller):
             temperature_var, {h.name: h.loss_weight for h in heads}
         )]
         weights = [1.0]
-        if feature_loss_weight:
+        layerwise = None
+        if features is not None:
+            from tftransfer.distill.features import LayerwiseFeatures
+            from tftransfer.distill.teacher import find_backbone
+
+            if not feature_loss_weight:
+                raise UserError("distill.features needs distill.feature_loss_weight > 0 (e.g. 1.0).")
+            t_backbone, s_backbone = find_backbone(teacher), find_backbone(student)
+            if t_backbone is None or s_backbone is None:
+                raise UserError(
+                    "distill.features: no keras-hub backbone inside the "
+                    f"{'teacher (an ensemble has none; list one teacher)' if t_backbone is None else 'student'}."
+                )
+            layerwise = LayerwiseFeatures(t_backbone, s_backbone, features)
+        elif feature_loss_weight:
             default = f"{heads[0].name}_pool"
             t_layer = teacher_feature_layer or default
             s_layer = student_feature_layer or default
@@ -186,6 +209,10 @@ class Distiller(keras.distillation.Distiller):
         self.heads = heads
         self.alpha = alpha_var
         self.temperature = temperature_var
+        self.layerwise = layerwise
+        self.layerwise_weight = float(feature_loss_weight)
+        # An attribute, so Keras reports it (`layerwise_loss`) with the other trackers.
+        self.layerwise_loss_tracker = keras.metrics.Mean(name="layerwise_loss") if layerwise else None
 
     # -- Keras API ---------------------------------------------------------
 
@@ -233,6 +260,12 @@ class Distiller(keras.distillation.Distiller):
                 student_out = student_features[loss.student_layer_name]
             loss.validate_outputs(teacher_out, student_out)
             soft = soft + weight * loss.compute_loss(teacher_out, student_out)
+        if self.layerwise is not None:
+            if cached is not None:
+                raise UserError("distill.features: layerwise distillation runs the teacher; set distill.cache: none.")
+            feature = self.layerwise(inputs, training=training)
+            self.layerwise_loss_tracker.update_state(feature)
+            soft = soft + self.layerwise_weight * feature
 
         alpha = keras.ops.convert_to_tensor(self.alpha)
         total = alpha * hard + (1.0 - alpha) * soft

@@ -5,6 +5,14 @@
     python -m tftransfer.export --workdir=W --version=3 --overwrite --export_base=/srv/models/flowers
     python -m tftransfer.export --workdir=W --format=tflite --quantize=float16
         -> W/tflite/<N>/model.tflite
+    python -m tftransfer.export --workdir=W --format=tflite --quantize=int8 --representative_examples=300
+
+Quantised exports (float16, dynamic_range, int8; SavedModel int8 for text
+models) reload the run's data from `W/config.yaml`: int8 calibrates on
+`--representative_examples` training examples, and every quantised export
+scores the float and the quantised model on the validation split, prints
+both, stores them in the export's `tftransfer.json` and exits 2 (writing
+nothing) when the drop exceeds `--max_accuracy_drop`.
 
 Reads `W/model.keras` (safe mode), `W/preprocessor/` and `W/heads.json`
 (written by `tftransfer.train`) and `W/config.yaml`. Text SavedModels also
@@ -29,8 +37,18 @@ flags.DEFINE_string(
 flags.DEFINE_bool("overwrite", False, "Replace the version if it exists.")
 flags.DEFINE_enum("format", "saved_model", ["saved_model", "tflite"], "What to write.")
 flags.DEFINE_enum(
-    "quantize", "none", ["none", "float16", "dynamic_range"],
-    "TFLite weight quantisation: none (float32), float16 (~1/2 size) or dynamic_range (int8 weights, ~1/4 size).",
+    "quantize", "none", ["none", "float16", "dynamic_range", "int8"],
+    "TFLite: none (float32), float16 (~1/2 size), dynamic_range (int8 weights, ~1/4 size) or int8 "
+    "(full integer: int8 weights and activations, calibrated on training examples). SavedModel: none or "
+    "int8 (Keras model.quantize, text models).",
+)
+flags.DEFINE_float(
+    "max_accuracy_drop", 0.01,
+    "Refuse a quantised export whose validation accuracy is more than this below the float model's "
+    "(a fraction: 0.01 = 1 point; inf = no limit, also allows a run without validation data).",
+)
+flags.DEFINE_integer(
+    "representative_examples", 200, "int8: training examples that calibrate the activation ranges.",
 )
 flags.mark_flags_as_required(["workdir"])
 
@@ -41,12 +59,20 @@ def main(argv):
 
         raise UserError(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpfull).")
     # Heavy imports after flag parsing, so --helpfull is instant.
+    from tftransfer.export import quantize as quantize_lib
     from tftransfer.export.assets import export_workdir
 
+    max_drop = quantize_lib.check_max_accuracy_drop(FLAGS.max_accuracy_drop)
+    representative = validation = None
+    if FLAGS.quantize != "none":
+        representative, validation = quantisation_data(FLAGS.workdir, FLAGS.quantize, max_drop)
     result = export_workdir(
         FLAGS.workdir, export_base=FLAGS.export_base, version=FLAGS.version,
         overwrite=FLAGS.overwrite, format=FLAGS.format, quantize=FLAGS.quantize,
+        representative_data=representative, validation_data=validation, max_accuracy_drop=max_drop,
     )
+    if FLAGS.quantize != "none":
+        print(quantize_lib.describe(result.get("accuracy")))
     if FLAGS.format == "tflite":
         print(
             f"exported {result['tflite_file']} ({result['size_bytes'] / 1e6:.2f} MB, "
@@ -55,6 +81,58 @@ def main(argv):
         )
     else:
         print(f"exported {result['path']}")
+
+
+def quantisation_data(workdir, quantize, max_accuracy_drop):
+    """The run's own data, from `W/config.yaml`: int8 calibration batches and validation batches.
+
+    Returns:
+        (representative, validation): a list of input dicts (int8 only,
+        else None) and a `tf.data.Dataset` of `(inputs, {head: labels})`
+        (None when the run has no validation split and the budget is inf).
+    """
+    import math
+    import os
+
+    from tftransfer import config as config_lib
+    from tftransfer import data as data_lib
+    from tftransfer import experiment, workdir as workdir_lib
+    from tftransfer.errors import UserError
+    from tftransfer.export.assets import load_serving_assets
+
+    if FLAGS.representative_examples < 1:
+        raise UserError(f"--representative_examples must be >= 1. Received: {FLAGS.representative_examples}.")
+    path = os.path.join(workdir, workdir_lib.CONFIG)
+    if not os.path.isfile(path):
+        raise UserError(f"--quantize={quantize} reads the run's data from {path!r}, which is missing; "
+                        f"export a work dir written by tftransfer.train.")
+    cfg = config_lib.load_config(path)
+    assets = load_serving_assets(workdir)
+    labelled = experiment.load_data(cfg)
+    representative = None
+    if quantize == "int8":
+        n = min(FLAGS.representative_examples, labelled.train.num_examples)
+        # Shuffled (seeded) so the sample covers every class, not the first files.
+        train = data_lib.make_pipeline(
+            labelled.train, assets.preprocessor, assets.modality, assets.heads, 1, training=True,
+            shuffle_buffer=labelled.train.num_examples, cache=False, seed=cfg.train.seed,
+        )
+        representative = [
+            x if isinstance(x, dict) else {"image": x} for x, _ in train.take(n).as_numpy_iterator()
+        ]
+    validation = None
+    if labelled.validation is not None:
+        validation = data_lib.make_pipeline(
+            labelled.validation, assets.preprocessor, assets.modality, assets.heads,
+            experiment.eval_batch_size(cfg, 1), training=False, cache=False,
+        ).as_numpy_iterator()
+    elif not math.isinf(max_accuracy_drop):
+        raise UserError(
+            f"--quantize={quantize} measures its accuracy cost on the validation split, and {path!r} has none "
+            f"(data.validation_split / validation_path / validation_fraction); retrain with one, "
+            f"or pass --max_accuracy_drop=inf to export unmeasured."
+        )
+    return representative, validation
 
 
 def run():

@@ -173,7 +173,8 @@ def _check_model_file(workdir):
 
 
 def export_workdir(workdir, export_base=None, version=None, overwrite=False,
-                   format="saved_model", quantize="none"):
+                   format="saved_model", quantize="none", representative_data=None,
+                   validation_data=None, max_accuracy_drop=None):
     """Export a trained work dir: what `python -m tftransfer.export` runs.
 
     Args:
@@ -186,13 +187,28 @@ def export_workdir(workdir, export_base=None, version=None, overwrite=False,
         overwrite: bool. Replace an existing version. Defaults to False.
         format: str. `"saved_model"` or `"tflite"`. Defaults to
             `"saved_model"`.
-        quantize: str. TFLite only: `"none"`, `"float16"` or
-            `"dynamic_range"`. Defaults to `"none"`.
+        quantize: str. TFLite: `"none"`, `"float16"`, `"dynamic_range"` or
+            `"int8"`; SavedModel: `"none"` or `"int8"` (Keras'
+            `model.quantize`, text models). Defaults to `"none"`.
+        representative_data: int8 TFLite: input batches from the training
+            data (see `tflite.convert`). Defaults to None.
+        validation_data: `(inputs, {head: labels})` batches: a quantised
+            export is scored on them against the float model and refused
+            over `max_accuracy_drop` (see `tftransfer.export.quantize`).
+            Defaults to None (not measured).
+        max_accuracy_drop: float. Defaults to None:
+            `quantize.DEFAULT_MAX_ACCURACY_DROP`.
 
     Returns:
-        dict. `path` (the version directory) and, for TFLite, sizes.
+        dict. `path` (the version directory), `accuracy` (quantised exports)
+        and, for TFLite, sizes.
     """
+    from tftransfer.export import quantize as quantize_lib
     from tftransfer.export import saved_model, tflite
+
+    if max_accuracy_drop is None:
+        max_accuracy_drop = quantize_lib.DEFAULT_MAX_ACCURACY_DROP
+    max_accuracy_drop = quantize_lib.check_max_accuracy_drop(max_accuracy_drop)
 
     if format not in ("saved_model", "tflite"):
         raise UserError(f"--format must be saved_model or tflite. Received: {format!r}.")
@@ -200,8 +216,11 @@ def export_workdir(workdir, export_base=None, version=None, overwrite=False,
         raise UserError(
             f"--quantize must be one of {', '.join(tflite.QUANTIZE_MODES)}. Received: {quantize!r}."
         )
-    if format == "saved_model" and quantize != "none":
-        raise UserError(f"--quantize={quantize} applies to --format=tflite only; drop it or pass --format=tflite.")
+    if format == "saved_model" and quantize not in ("none", "int8"):
+        raise UserError(
+            f"--quantize={quantize} applies to --format=tflite only (SavedModels: none or int8); "
+            f"drop it or pass --format=tflite."
+        )
     if not os.path.isdir(workdir):
         raise UserError(f"--workdir {workdir!r} is not a directory; pass a trained work dir.")
     _check_model_file(workdir)
@@ -212,6 +231,22 @@ def export_workdir(workdir, export_base=None, version=None, overwrite=False,
     bases = [export_base]
     if format == "saved_model" and assets.modality == "text":
         bases.append(saved_model.token_ids_base(export_base))
+    created = [base for base in bases if not os.path.exists(base)]
+    try:
+        return _export(workdir, assets, bases, export_base, version, overwrite, format, quantize,
+                       representative_data, validation_data, max_accuracy_drop)
+    except BaseException:
+        for base in created:  # a refused export leaves nothing behind, not even its base
+            if os.path.isdir(base) and not os.listdir(base):
+                os.rmdir(base)
+        raise
+
+
+def _export(workdir, assets, bases, export_base, version, overwrite, format, quantize,
+            representative_data, validation_data, max_accuracy_drop):
+    from tftransfer.export import quantize as quantize_lib
+    from tftransfer.export import saved_model, tflite
+
     for base in bases:
         saved_model.check_export_base(base)
         if version is not None and not overwrite and os.path.exists(os.path.join(base, str(version))):
@@ -219,17 +254,41 @@ def export_workdir(workdir, export_base=None, version=None, overwrite=False,
                 f"export version {os.path.join(base, str(version))!r} exists; "
                 f"pass --overwrite or another --version."
             )
-    model = load_trained_model(workdir)
+    if format == "saved_model" and quantize == "int8":
+        quantize_lib.check_keras_int8(assets.modality)  # before the slow model load
+    from tftransfer import lora
+    from tftransfer.workdir import LORA
+
+    if lora.is_artefact(os.path.join(workdir, LORA)):  # base (hash-checked) + adapters, merged
+        model = lora.merge(lora.load_adapter_model(os.path.join(workdir, LORA))[0])
+    else:
+        model = load_trained_model(workdir)
     metadata = {"backbone": assets.backbone, "config": _training_config(workdir)}
+    # Served images are composited over the training data's background.
+    background = ((metadata["config"] or {}).get("data") or {}).get("image_background")
     if format == "saved_model":
+        record = None
+        if quantize == "int8":
+            validation_data = list(validation_data) if validation_data is not None else None
+            heads = assets.heads
+            float_accuracy = validation_data and quantize_lib.accuracy(
+                quantize_lib.keras_predict(model, heads), validation_data, heads)
+            quantize_lib.keras_int8(model, assets.modality)
+            if validation_data:
+                quantized_accuracy = quantize_lib.accuracy(
+                    quantize_lib.keras_predict(model, heads), validation_data, heads)
+                record = quantize_lib.compare(float_accuracy, quantized_accuracy, heads, "int8", max_accuracy_drop)
+            metadata["accuracy"] = record
         path = saved_model.export_saved_model(
             model, assets.preprocessor, assets.modality, assets.heads, export_base,
-            version=version, overwrite=overwrite, metadata=metadata,
+            version=version, overwrite=overwrite, metadata=metadata, image_background=background,
         )
-        return {"path": path}
+        return {"path": path, "accuracy": record}
     return tflite.export_tflite(
         model, assets.preprocessor, assets.modality, assets.heads, export_base,
         version=version, overwrite=overwrite, quantize=quantize, metadata=metadata,
+        representative_data=representative_data, validation_data=validation_data,
+        max_accuracy_drop=max_accuracy_drop,
     )
 
 

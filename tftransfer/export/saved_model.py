@@ -205,7 +205,7 @@ def decode_image_bytes(image_bytes, preprocessor, background=images.WHITE):
     )
 
 
-def build_archive(model, preprocessor, modality, heads, raw=True):
+def build_archive(model, preprocessor, modality, heads, raw=True, image_background=None):
     """A `keras.export.ExportArchive` with the serving signatures.
 
     Args:
@@ -217,12 +217,16 @@ def build_archive(model, preprocessor, modality, heads, raw=True):
             (text core-ops twin): `serving_default` is the preprocessed
             signature and nothing of the preprocessor is saved.
             Defaults to True.
+        image_background: 3 floats (RGB 0-255) that transparent pixels of
+            served images are composited over: the training data's
+            `data.image_background`. Defaults to None (white).
 
     Returns:
         keras.export.ExportArchive.
     """
     archive = keras.export.ExportArchive()
     archive.track(model)
+    background = images.WHITE if image_background is None else image_background
 
     def predict(inputs):
         return outputs_or_empty(heads, inputs, lambda: model(inputs, training=False))
@@ -234,7 +238,7 @@ def build_archive(model, preprocessor, modality, heads, raw=True):
             archive.track(preprocessor)
 
             def serve_bytes(image_bytes):
-                return predict(decode_image_bytes(image_bytes, preprocessor))
+                return predict(decode_image_bytes(image_bytes, preprocessor, background))
 
             archive.add_endpoint(
                 RAW_SIGNATURE, serve_bytes,
@@ -289,7 +293,7 @@ def _build(layer, example):
 
 
 def export_saved_model(model, preprocessor, modality, heads, export_base,
-                       version=None, overwrite=False, metadata=None):
+                       version=None, overwrite=False, metadata=None, image_background=None):
     """Write a TF Serving SavedModel version atomically.
 
     Args:
@@ -307,6 +311,7 @@ def export_saved_model(model, preprocessor, modality, heads, export_base,
         overwrite: bool. Replace an existing version. Defaults to False.
         metadata: dict. Extra JSON-able fields for `assets/tftransfer.json`
             (e.g. `backbone`, `config`). Defaults to None.
+        image_background: see `build_archive`. Defaults to None (white).
 
     Returns:
         str. The version directory, `<export_base>/<version>`.
@@ -330,9 +335,12 @@ def export_saved_model(model, preprocessor, modality, heads, export_base,
     bases = [export_base]
     if modality == "text":
         bases.append(token_ids_base(export_base))
-    writers = {export_base: lambda d: _write_saved_model(d, model, preprocessor, modality, heads, True, metadata)}
+    def write(directory, raw):
+        _write_saved_model(directory, model, preprocessor, modality, heads, raw, metadata, image_background)
+
+    writers = {export_base: lambda d: write(d, True)}
     if modality == "text":
-        writers[bases[1]] = lambda d: _write_saved_model(d, model, preprocessor, modality, heads, False, metadata)
+        writers[bases[1]] = lambda d: write(d, False)
     paths = write_versions(bases, version, overwrite, writers)
     return paths[0]
 
@@ -342,8 +350,8 @@ def token_ids_base(export_base):
     return os.path.normpath(export_base) + TOKEN_IDS_SUFFIX
 
 
-def _write_saved_model(directory, model, preprocessor, modality, heads, raw, metadata):
-    archive = build_archive(model, preprocessor, modality, heads, raw=raw)
+def _write_saved_model(directory, model, preprocessor, modality, heads, raw, metadata, image_background=None):
+    archive = build_archive(model, preprocessor, modality, heads, raw=raw, image_background=image_background)
     archive.write_out(directory, verbose=False)
     assets = os.path.join(directory, "assets")
     write_labels(assets, heads)

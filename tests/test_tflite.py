@@ -1,0 +1,154 @@
+"""Full-integer (int8) TFLite and the accuracy cost of every quantised export."""
+
+import json
+import os
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tftransfer
+from tftransfer import data as data_lib
+from tftransfer.export import quantize as quantize_lib
+from tftransfer.export import tflite as tflite_lib
+from tftransfer.heads import HeadSpec
+
+from conftest import TINY_DIGITS_YAML, TINY_RESNET, run_cli, tiny_bert_spec
+
+SENTENCES = ["the movie was good", "a film is not fun", "the movie was very boring !", "great great film",
+             "awful", "the film was bad", "a very good movie", "not bad"]
+# Ops whose every float input in the float model is a weight or an activation.
+COMPUTE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "GATHER")
+
+
+def interpreter(flatbuffer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        it = tf.lite.Interpreter(model_content=flatbuffer)
+    it.allocate_tensors()
+    return it
+
+
+def assert_compute_is_int8(it):
+    """Every weight and activation of the compute ops is int8 (biases int32, indices int32)."""
+    dtypes = {d["index"]: d["dtype"] for d in it.get_tensor_details()}
+    ops = [o for o in it._get_ops_details() if o["op_name"] in COMPUTE_OPS]
+    assert ops
+    for op in ops:
+        if op["op_name"] == "GATHER":  # embedding table int8, ids int32
+            params, ids = op["inputs"][:2]
+            if dtypes[params] in (np.int32, np.int64):
+                continue  # shape plumbing, not a weight
+            assert dtypes[params] == np.int8 and dtypes[ids] == np.int32, op
+        else:
+            data = [i for i in op["inputs"][:2] if i >= 0]
+            assert all(dtypes[i] == np.int8 for i in data), (op, [dtypes[i] for i in data])
+            assert all(dtypes[i] == np.int32 for i in op["inputs"][2:] if i >= 0), op  # bias
+        assert all(dtypes[i] == np.int8 for i in op["outputs"]), op
+    return dtypes
+
+
+def test_int8_image_weights_and_activations_are_int8_and_agree_with_float(tmp_path):
+    keras.utils.set_random_seed(0)
+    loaded = tftransfer.load_backbone(spec=dict(TINY_RESNET), image_size=16)
+    heads = [HeadSpec(num_classes=3)]
+    model = tftransfer.build_model(loaded, heads)
+    digits = data_lib.load_digits([0, 1, 2], 20, seed=0)
+    ds = data_lib.make_pipeline(digits.train, loaded.preprocessor, "image", heads, 1)
+    representative = [{"image": x} for x, _ in ds.take(30).as_numpy_iterator()]
+    val = list(data_lib.make_pipeline(digits.validation, loaded.preprocessor, "image", heads, 64)
+               .as_numpy_iterator())
+    info = tflite_lib.export_tflite(model, loaded.preprocessor, "image", heads, str(tmp_path), quantize="int8",
+                                    representative_data=representative, validation_data=val,
+                                    max_accuracy_drop=float("inf"))
+    with open(info["tflite_file"], "rb") as f:
+        it = interpreter(f.read())
+    dtypes = assert_compute_is_int8(it)
+    # Float32 only at the interface: the input image and the probability outputs.
+    floats = {i for i, d in dtypes.items() if d == np.float32}
+    io = {d["index"] for d in it.get_input_details() + it.get_output_details()}
+    assert floats <= io, floats - io
+    x = val[0][0][:16]
+    out = it.get_signature_runner()(image=x)
+    expected = tf.nn.softmax(model(x, training=False)["label"]).numpy()
+    assert np.abs(out["probabilities"] - expected).max() <= tflite_lib.TOLERANCE["int8"]
+    assert info["size_bytes"] <= 0.3 * 4 * model.count_params()
+    with open(os.path.join(info["path"], "tftransfer.json")) as f:
+        accuracy = json.load(f)["accuracy"]
+    assert accuracy["examples"] == digits.validation.num_examples
+    assert set(accuracy["float"]) == set(accuracy["quantized"]) == {"label"}
+    assert accuracy["drop"] == pytest.approx(accuracy["float"]["label"] - accuracy["quantized"]["label"])
+
+
+def test_int8_text_on_token_ids(tmp_path):
+    keras.utils.set_random_seed(1)
+    loaded = tftransfer.load_backbone(spec=tiny_bert_spec(), sequence_length=16)
+    heads = [HeadSpec(num_classes=2)]
+    model = tftransfer.build_model(loaded, heads)
+    ids = {k: np.asarray(v).astype("int32") for k, v in loaded.preprocessor(tf.constant(SENTENCES)).items()}
+    representative = [{k: v[i:i + 1] for k, v in ids.items()} for i in range(len(SENTENCES))]
+    flatbuffer = tflite_lib.convert(model, loaded.preprocessor, "text", heads, "int8", representative)
+    it = interpreter(flatbuffer)
+    dtypes = assert_compute_is_int8(it)
+    # Float32 inside: the layer norms' NEG (no int8 kernel) and the attention mask select + softmax
+    # (kept float on purpose: tflite.FLOAT_OPS_TEXT_INT8), each between a dequantise and a quantise.
+    float_ops = {o["op_name"] for o in it._get_ops_details()
+                 if any(dtypes.get(i) == np.float32 for i in list(o["inputs"]) + list(o["outputs"]))}
+    assert float_ops <= {"NEG", "QUANTIZE", "DEQUANTIZE", "DELEGATE", *tflite_lib.FLOAT_OPS_TEXT_INT8}, float_ops
+    out = it.get_signature_runner()(**ids)
+    expected = tf.nn.softmax(model(ids, training=False)["label"]).numpy()
+    assert np.abs(out["probabilities"] - expected).max() <= tflite_lib.TOLERANCE["int8"]
+
+
+def test_int8_needs_representative_data(tmp_path):
+    loaded = tftransfer.load_backbone(spec=dict(TINY_RESNET), image_size=16)
+    heads = [HeadSpec(num_classes=3)]
+    with pytest.raises(tftransfer.UserError, match="needs representative examples"):
+        tflite_lib.convert(tftransfer.build_model(loaded, heads), loaded.preprocessor, "image", heads, "int8")
+
+
+def test_accuracy_budget(tmp_path):
+    heads = [HeadSpec(num_classes=2)]
+    f = {"label": 0.90, "examples": 100}
+    q = {"label": 0.88, "examples": 100}
+    record = quantize_lib.compare(f, q, heads, "int8", max_accuracy_drop=0.02 + 1e-9)
+    assert record["drop"] == pytest.approx(0.02)
+    with pytest.raises(tftransfer.UserError, match=r"costs 2.00 points .*0.9000 -> 0.8800"):
+        quantize_lib.compare(f, q, heads, "int8", max_accuracy_drop=0.01)
+    with pytest.raises(tftransfer.UserError, match="--max_accuracy_drop must be >= 0"):
+        quantize_lib.check_max_accuracy_drop(-0.1)
+
+
+@pytest.fixture(scope="module")
+def digits_workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("int8")
+    config = root / "tiny.yaml"
+    config.write_text(TINY_DIGITS_YAML)
+    workdir = str(root / "w")
+    proc = run_cli("tftransfer.train", f"--config={config}", f"--workdir={workdir}", "--config.export.saved_model=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+def test_cli_int8_prints_and_records_accuracy_then_refuses_over_budget(digits_workdir):
+    base = os.path.join(digits_workdir, "tflite")
+    proc = run_cli("tftransfer.export", f"--workdir={digits_workdir}", "--format=tflite", "--quantize=int8",
+                   "--max_accuracy_drop=0.05", "--representative_examples=50")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "validation accuracy (" in proc.stdout and " int8 (drop " in proc.stdout
+    with open(os.path.join(base, "1", "tftransfer.json")) as f:
+        record = json.load(f)["accuracy"]
+    assert record["quantize"] == "int8" and record["max_accuracy_drop"] == 0.05
+    assert 0 < record["float"]["label"] <= 1 and 0 < record["quantized"]["label"] <= 1
+
+    # One calibration example and no budget at all: refused, nothing written.
+    proc = run_cli("tftransfer.export", f"--workdir={digits_workdir}", "--format=tflite", "--quantize=int8",
+                   "--max_accuracy_drop=0", "--representative_examples=1", "--export_base=" + base + "_strict")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "points of validation accuracy" in errors[0] and "nothing was exported" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(base + "_strict")
+    assert sorted(os.listdir(base)) == ["1"]
