@@ -93,11 +93,11 @@ def test_minilm_hf_checkpoint_gets_query_value_adapters():
 
 def test_config_refuses_unfreeze_distill_and_random_init():
     with pytest.raises(UserError, match="train.lora with train.unfreeze"):
-        config_lib.load_config(text="train: {lora: {rank: 4}, unfreeze: {schedule: gradual}}")
+        config_lib.load_config(text="backbone: {preset: x}\ntrain: {lora: {rank: 4}, unfreeze: {schedule: gradual}}")
     with pytest.raises(UserError, match="train.lora with distill"):
-        config_lib.load_config(text="train: {lora: {}}\ndistill: {teacher: x}")
+        config_lib.load_config(text="backbone: {preset: x}\ntrain: {lora: {}}\ndistill: {teacher: x}")
     with pytest.raises(UserError, match="targets must be default or a list"):
-        config_lib.load_config(text="train: {lora: {targets: all}}")
+        config_lib.load_config(text="backbone: {preset: x}\ntrain: {lora: {targets: all}}")
     cfg = config_lib.load_config(text="backbone: {spec: {architecture: resnet}}\ntrain: {lora: {}}")
     with pytest.raises(UserError, match="needs a pretrained base"):
         lora.base_spec(cfg.backbone)
@@ -151,7 +151,7 @@ def test_killed_lora_run_resumes_exports_merged_and_refuses_a_changed_base(tmp_p
     config = tmp_path / "c.yaml"
     config.write_text(f"""
 backbone: {{preset: {preset}, image_size: 16}}
-data: {{source: digits, digits: {{classes: [0, 1, 2], train_per_class: 20}}, batch_size: 20}}
+data: {{source: digits, digits: {{classes: [0, 1, 2]}}, train_per_class: 20, batch_size: 20}}
 train: {{epochs: 8, optimizer: adam, verbose: 0, lora: {{rank: 2}}}}
 export: {{saved_model: false}}
 """)
@@ -159,18 +159,19 @@ export: {{saved_model: false}}
     args = [sys.executable, "-m", "tftransfer.train", f"--config={config}", f"--workdir={W}"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    backup = os.path.join(W, "backup")
+    state = os.path.join(W, "backup", "state.json")  # written last: the backup is committed
     deadline = time.time() + 300
-    while time.time() < deadline and not (os.path.isdir(backup) and os.listdir(backup)):
+    while time.time() < deadline and not os.path.exists(state) and proc.poll() is None:
         time.sleep(0.05)
-    time.sleep(0.5)
+    assert os.path.exists(state), "no backup before the run ended"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(os.path.join(W, "metrics.json"))
     result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(resuming)" in result.stderr and "LoRA rank 2" in result.stderr
-    assert json.load(open(os.path.join(W, "metrics.json")))["epochs"] < 8
+    metrics = json.load(open(os.path.join(W, "metrics.json")))
+    assert metrics["resumed_at_step"] > 0 and metrics["epochs"] == 8  # resumed, and every epoch recorded
     assert os.path.isfile(os.path.join(W, "lora", "adapter.json"))
 
     # Export from the artefact: adapters merged, no LoRA variables, same outputs in plain TensorFlow.

@@ -24,9 +24,8 @@ epoch. Exit code 2: user error (one line on stderr).
 
 import math
 import os
-import time
 
-from absl import flags, logging
+from absl import flags
 
 from tftransfer import cli
 
@@ -54,8 +53,8 @@ def main(argv):
     p = cfg.pretrain
     if p is None or not p.corpus:
         raise UserError("pretrain.corpus: list the unlabelled text files (.txt lines, .csv, .jsonl) to pretrain on.")
-    W = FLAGS.workdir
-    config_text, resuming, strategy = cli.start_run(cfg)
+    run = cli.start_run(cfg)  # strategy first; the work dir claimed
+    strategy = run.strategy
     corpus = p.corpus if isinstance(p.corpus, list) else [p.corpus]
     texts = []
     for i, path in enumerate(corpus):  # one reader for unlabelled text (the distillation transfer set's)
@@ -99,40 +98,31 @@ def main(argv):
         return ds.batch(global_batch).map(masker, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
     val_ds = batches(val_texts, False) if val_texts else None
-    os.makedirs(W, exist_ok=True)
-    workdir.atomic_write_text(os.path.join(W, workdir.CONFIG), config_text)
-    logging.info("%s: masked-LM pretraining on %d texts (%d held out), %d replica(s), global batch %d%s",
-                 cfg.name, len(train_texts), len(val_texts), strategy.num_replicas_in_sync, global_batch,
-                 " (resuming)" if resuming else "")
-    before = _evaluate(mlm, val_ds) if val_ds is not None and not resuming else None
-    start = time.perf_counter()
-    history = mlm.fit(
-        batches(train_texts, True), validation_data=val_ds, epochs=cfg.train.epochs,
-        callbacks=[keras.callbacks.BackupAndRestore(os.path.join(W, workdir.BACKUP)),
-                   keras.callbacks.TensorBoard(os.path.join(W, workdir.LOGS))],
-        verbose=cfg.train.verbose,
-    )
-    seconds = time.perf_counter() - start
+    run.begin(f"{cfg.name}: masked-LM pretraining on {len(train_texts)} texts ({len(val_texts)} held out), "
+              f"global batch {global_batch}")
+    before = _evaluate(mlm, val_ds) if val_ds is not None and not run.resuming else None
+    # The shared run loop: step backups (mid-epoch resume), divergence stop, TensorBoard, chief-only writes.
+    result = run.fit(mlm, lambda: batches(train_texts, True), val_ds, steps, checkpoint=False)
     from tftransfer.callbacks import check_finite_weights
 
     check_finite_weights(loaded.model, "pretrain")
-    save_backbone_preset(loaded, os.path.join(W, workdir.BACKBONE_PRESET))
+    save_backbone_preset(loaded, run.path(workdir.BACKBONE_PRESET))
+    history = result.history
+    seconds = result.seconds
     metrics = {
-        "history": [{"epoch": i + 1, **{k: float(v[i]) for k, v in history.history.items()}}
-                    for i in range(len(history.history.get("loss", [])))],
+        "history": [{"epoch": i + 1, **{k: float(v[i]) for k, v in history.items()}}
+                    for i in range(len(history.get("loss", [])))],
         "train_seconds": seconds,
+        "resumed_at_step": result.resumed_at_step,
         "num_train_texts": len(train_texts),
         "num_validation_texts": len(val_texts),
         "backbone": loaded.description,
-        "backbone_preset": os.path.join(W, workdir.BACKBONE_PRESET),
+        "backbone_preset": os.path.join(run.workdir, workdir.BACKBONE_PRESET),
     }
     if val_ds is not None:
         metrics["validation_before"] = before
         metrics["validation"] = _evaluate(mlm, val_ds)
-    import shutil
-
-    shutil.rmtree(os.path.join(W, workdir.BACKUP), ignore_errors=True)
-    workdir.write_json(os.path.join(W, workdir.METRICS), metrics)
+    run.finish(metrics)
     summary = metrics.get("validation") or metrics["history"][-1]
     print(f"{cfg.name}: masked-LM done in {seconds:.1f}s; " + ", ".join(
         f"{k}={v:.4f}" for k, v in sorted(summary.items()) if k != "epoch")

@@ -139,6 +139,11 @@ def load_model(path, where="model"):
         raise UserError(f"{where} {path!r} could not be loaded as a Keras model: {first[:200]}")
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def check_can_start(workdir, config_text, overwrite=False):
     """Refuse to clobber a finished run or resume with a different config.
 

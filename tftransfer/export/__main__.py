@@ -65,7 +65,8 @@ def main(argv):
     max_drop = quantize_lib.check_max_accuracy_drop(FLAGS.max_accuracy_drop)
     representative = validation = None
     if FLAGS.quantize != "none":
-        representative, validation = quantisation_data(FLAGS.workdir, FLAGS.quantize, max_drop)
+        representative, validation = quantize_lib.quantisation_data(
+            FLAGS.workdir, FLAGS.quantize, max_drop, FLAGS.representative_examples)
     result = export_workdir(
         FLAGS.workdir, export_base=FLAGS.export_base, version=FLAGS.version,
         overwrite=FLAGS.overwrite, format=FLAGS.format, quantize=FLAGS.quantize,
@@ -81,58 +82,6 @@ def main(argv):
         )
     else:
         print(f"exported {result['path']}")
-
-
-def quantisation_data(workdir, quantize, max_accuracy_drop):
-    """The run's own data, from `W/config.yaml`: int8 calibration batches and validation batches.
-
-    Returns:
-        (representative, validation): a list of input dicts (int8 only,
-        else None) and a `tf.data.Dataset` of `(inputs, {head: labels})`
-        (None when the run has no validation split and the budget is inf).
-    """
-    import math
-    import os
-
-    from tftransfer import config as config_lib
-    from tftransfer import data as data_lib
-    from tftransfer import experiment, workdir as workdir_lib
-    from tftransfer.errors import UserError
-    from tftransfer.export.assets import load_serving_assets
-
-    if FLAGS.representative_examples < 1:
-        raise UserError(f"--representative_examples must be >= 1. Received: {FLAGS.representative_examples}.")
-    path = os.path.join(workdir, workdir_lib.CONFIG)
-    if not os.path.isfile(path):
-        raise UserError(f"--quantize={quantize} reads the run's data from {path!r}, which is missing; "
-                        f"export a work dir written by tftransfer.train.")
-    cfg = config_lib.load_config(path)
-    assets = load_serving_assets(workdir)
-    labelled = experiment.load_data(cfg)
-    representative = None
-    if quantize == "int8":
-        n = min(FLAGS.representative_examples, labelled.train.num_examples)
-        # Shuffled (seeded) so the sample covers every class, not the first files.
-        train = data_lib.make_pipeline(
-            labelled.train, assets.preprocessor, assets.modality, assets.heads, 1, training=True,
-            shuffle_buffer=labelled.train.num_examples, cache=False, seed=cfg.train.seed,
-        )
-        representative = [
-            x if isinstance(x, dict) else {"image": x} for x, _ in train.take(n).as_numpy_iterator()
-        ]
-    validation = None
-    if labelled.validation is not None:
-        validation = data_lib.make_pipeline(
-            labelled.validation, assets.preprocessor, assets.modality, assets.heads,
-            experiment.eval_batch_size(cfg, 1), training=False, cache=False,
-        ).as_numpy_iterator()
-    elif not math.isinf(max_accuracy_drop):
-        raise UserError(
-            f"--quantize={quantize} measures its accuracy cost on the validation split, and {path!r} has none "
-            f"(data.validation_split / validation_path / validation_fraction); retrain with one, "
-            f"or pass --max_accuracy_drop=inf to export unmeasured."
-        )
-    return representative, validation
 
 
 def run():
