@@ -12,8 +12,8 @@
    labels, one draw alone is too noisy to compare two methods.
 
 Each step is a public entrypoint. Ends with compare's headline and table
-(runs/quickstart/compare/compare.md, data_efficiency.png), and exits 1 if
-transfer did not win at the smallest budget.
+(runs/quickstart/compare/compare.md, data_efficiency.png) and the mean
+accuracies of both; it fails only when a step fails.
 """
 
 import argparse
@@ -71,10 +71,14 @@ def main():
     smallest = min(int(b) for b in BUDGETS.split(","))
     mean = {arm: sum(c["accuracy"] for c in cells if c["arm"] == arm and c["budget"] == smallest) / SEEDS
             for arm in ("transfer", "scratch")}
-    if mean["transfer"] <= mean["scratch"]:
-        print(f"Transfer did not beat scratch at {smallest} labels per class: this is a regression, "
-              f"please report it.", file=sys.stderr)
-        sys.exit(1)
+    gain = mean["transfer"] - mean["scratch"]
+    # An honest comparison, not a pass/fail gate: since from-scratch runs get
+    # BatchNorm statistics that match their weights (train.recompute_bn_stats),
+    # this tiny 5-class digits source gains little over scratch on the other
+    # five digits (BENCHMARKS.md), and with 10 labels the sign of a small gain
+    # is a coin flip across machines.
+    print(f"Mean over {SEEDS} draws at {smallest} labels per class: transfer {mean['transfer']:.3f}, "
+          f"scratch {mean['scratch']:.3f} ({100 * gain:+.1f} points).")
 
 
 if __name__ == "__main__":
