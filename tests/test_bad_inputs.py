@@ -196,6 +196,8 @@ def _export_cases(t, trained):
     cases.append(("export_base_is_a_file", [f"--workdir={trained}", f"--export_base={a_file}"], ["is a file"]))
     cases.append(("export_version_zero", [f"--workdir={trained}", "--version=0",
                                           f"--export_base={t / 'w_v0'}"], ["positive integer"]))
+    cases.append(("export_version_beyond_int64", [f"--workdir={trained}", f"--version={2**63}",
+                                                  f"--export_base={t / 'w_vbig'}"], ["int64"]))
     cases.append(("export_version_exists", [f"--workdir={trained}", "--version=1"],
                   ["exists; pass --overwrite or another --version"]))
     cases.append(("export_unknown_format", [f"--workdir={trained}", "--format=onnx"], ["--format"]))

@@ -49,7 +49,11 @@ def teacher_outputs(distiller, split, preprocessor, modality, batch_size=64):
     """
     ds = split.dataset.map(lambda x, y: x).batch(batch_size)
     ds = ds.map(preprocessor, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
-    outputs = distiller.teacher_output_model().predict(ds, verbose=0)
+    from tftransfer.progress import keras_verbose
+
+    # Progress: a bar on a terminal, one line when done in a log (the teacher
+    # pass over a large transfer set can take long).
+    outputs = distiller.teacher_output_model().predict(ds, verbose=keras_verbose("auto"))
     outputs = tf.nest.map_structure(np.asarray, outputs)
     for array in tf.nest.flatten(outputs):
         if len(array) != split.num_examples:

@@ -54,6 +54,7 @@ TOKEN_IDS_SUFFIX = "_token_ids"
 RAW_SIGNATURE = "serving_default"
 PREPROCESSED_SIGNATURE = "serve_preprocessed"
 TOP_K = 5
+MAX_VERSION = 2**63 - 1
 FORMAT_VERSION = 1
 # Magic numbers of the encodings `tf.io.decode_image` reads (RIFF: WebP).
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
@@ -509,6 +510,9 @@ def write_versions(export_bases, version, overwrite, writers):
         version = -1
     if version < 1:
         raise UserError(f"export version must be a positive integer (--version). Received: {version}.")
+    if version > MAX_VERSION:  # TF Serving parses version directories as int64
+        raise UserError(f"export version {version} is beyond what TF Serving reads (int64, at most "
+                        f"{MAX_VERSION}); pass a smaller --version.")
     finals = [os.path.join(base, str(version)) for base in export_bases]
     for final in finals:
         if os.path.exists(final) and not overwrite:
