@@ -241,10 +241,11 @@ class LoRATraining(keras.callbacks.Callback):
             "params": self.counts(),
         }
         arrays = {f"v{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(variables)}
-        workdir_lib.write_directory(target, {
-            ADAPTER_FILE: lambda p: workdir_lib.write_json(p, info),
-            WEIGHTS_FILE: lambda p: np.savez(p, **arrays),
-        })
+        def fill(directory):
+            workdir_lib.write_json(os.path.join(directory, ADAPTER_FILE), info)
+            np.savez(os.path.join(directory, WEIGHTS_FILE), **arrays)
+
+        workdir_lib.write_directory(target, fill)
         return target
 
 

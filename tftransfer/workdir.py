@@ -59,8 +59,13 @@ def atomic_write_text(path, text):
         raise
 
 
-def write_directory(path, writers):
-    """Replace directory `path` atomically: each `writers[name](file path)` fills a temporary twin first."""
+def write_directory(path, fill):
+    """Replace directory `path` atomically: `fill(tmp_dir)` fills a temporary twin first.
+
+    The twin is renamed into place only when `fill` succeeded; on any failure
+    the previous directory (if any) is back under its name and no temporary
+    directory is left.
+    """
     import shutil
 
     parent = os.path.dirname(os.path.abspath(path))
@@ -68,8 +73,7 @@ def write_directory(path, writers):
     tmp = tempfile.mkdtemp(prefix=".tmp-dir-", dir=parent)
     old = None
     try:
-        for name, write in writers.items():
-            write(os.path.join(tmp, name))
+        fill(tmp)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=".tmp-old-", dir=parent)
             os.rename(path, os.path.join(old, "d"))

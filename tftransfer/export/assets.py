@@ -21,8 +21,6 @@ mode and write a SavedModel or TFLite version.
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 
 from tftransfer.errors import UserError
 
@@ -70,7 +68,7 @@ def save_serving_assets(workdir, loaded, heads):
     ```
     """
     from tftransfer.export.saved_model import head_to_dict
-    from tftransfer.workdir import write_json
+    from tftransfer.workdir import write_directory, write_json
 
     preprocessor = loaded.preprocessor
     if not hasattr(preprocessor, "save_to_preset"):
@@ -78,24 +76,8 @@ def save_serving_assets(workdir, loaded, heads):
             f"backbone preprocessor {type(preprocessor).__name__} cannot be saved for serving "
             f"(no save_to_preset); use a keras-hub image converter or text preprocessor."
         )
-    os.makedirs(workdir, exist_ok=True)
-    target = os.path.join(workdir, PREPROCESSOR_DIR)
-    tmp = tempfile.mkdtemp(prefix=".tmp-preprocessor-", dir=workdir)
-    old = None
-    try:
-        preprocessor.save_to_preset(tmp)
-        if os.path.exists(target):
-            old = tempfile.mkdtemp(prefix=".tmp-old-preprocessor-", dir=workdir)
-            os.rename(target, os.path.join(old, "p"))
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old and not os.path.exists(target):
-            os.rename(os.path.join(old, "p"), target)
-        raise
-    finally:
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+    # The preset directory appears whole or not at all.
+    write_directory(os.path.join(workdir, PREPROCESSOR_DIR), preprocessor.save_to_preset)
     write_json(os.path.join(workdir, HEADS_FILE), {
         "format_version": FORMAT_VERSION,
         "modality": loaded.modality,
