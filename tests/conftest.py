@@ -76,3 +76,30 @@ def run_cli(module, *args, timeout=600, env=None):
         [sys.executable, "-m", module, *args], capture_output=True, text=True,
         timeout=timeout, cwd=REPO, env=full_env,
     )
+
+
+def kill_after_first_backup_then_resume(args, workdir, timeout=600):
+    """Run `args` (a `python -m tftransfer.<entrypoint>` command), SIGKILL it once its
+    first backup is committed, check nothing finished, and run it again to completion.
+
+    The backup is committed when `backup/state.json` appears (written last,
+    atomically), so the kill never races a half-written backup.
+
+    Returns:
+        CompletedProcess of the resumed run (text).
+    """
+    import signal
+    import time
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = os.path.join(workdir, "backup", "state.json")
+    deadline = time.time() + 300
+    while time.time() < deadline and not os.path.exists(state) and proc.poll() is None:
+        time.sleep(0.05)
+    assert os.path.exists(state), "no backup was written before the run ended"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(workdir, "metrics.json"))
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+

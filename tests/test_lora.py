@@ -2,11 +2,9 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import keras
 import numpy as np
@@ -20,7 +18,7 @@ from tftransfer.backbones import save_backbone_preset
 from tftransfer.errors import UserError
 from tftransfer.heads import HeadSpec
 
-from conftest import REPO, TINY_RESNET, minilm_dir, run_cli, tiny_bert_spec
+from conftest import TINY_RESNET, kill_after_first_backup_then_resume, minilm_dir, run_cli, tiny_bert_spec
 from sentiment_data import HELD_OUT, TRAIN
 
 SPEC = tiny_bert_spec()
@@ -157,17 +155,7 @@ export: {{saved_model: false}}
 """)
     W = str(tmp_path / "w")
     args = [sys.executable, "-m", "tftransfer.train", f"--config={config}", f"--workdir={W}"]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    state = os.path.join(W, "backup", "state.json")  # written last: the backup is committed
-    deadline = time.time() + 300
-    while time.time() < deadline and not os.path.exists(state) and proc.poll() is None:
-        time.sleep(0.05)
-    assert os.path.exists(state), "no backup before the run ended"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(os.path.join(W, "metrics.json"))
-    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = kill_after_first_backup_then_resume(args, W)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(resuming)" in result.stderr and "LoRA rank 2" in result.stderr
     metrics = json.load(open(os.path.join(W, "metrics.json")))

@@ -2,15 +2,13 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_DIGITS_YAML as TINY_DIGITS, run_cli
+from conftest import TINY_DIGITS_YAML as TINY_DIGITS, kill_after_first_backup_then_resume, run_cli
 
 def _config(tmp_path, text=TINY_DIGITS, name="c.yaml"):
     path = tmp_path / name
@@ -46,18 +44,7 @@ def test_killed_run_resumes_from_backup(tmp_path):
     W = str(tmp_path / "w")
     args = [sys.executable, "-m", "tftransfer.train", f"--config={_config(tmp_path)}",
             f"--workdir={W}", "--config.train.epochs=8"]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # The backup is committed when its state.json appears (written last, atomically).
-    state = os.path.join(W, "backup", "state.json")
-    deadline = time.time() + 300
-    while time.time() < deadline and not os.path.exists(state) and proc.poll() is None:
-        time.sleep(0.05)
-    assert os.path.exists(state), "no backup was written before the run ended"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(os.path.join(W, "metrics.json"))
-    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = kill_after_first_backup_then_resume(args, W)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(resuming)" in result.stderr
     metrics = json.load(open(os.path.join(W, "metrics.json")))
