@@ -151,15 +151,15 @@ def _distill_section(cfg):
 
 def _transfer_set(cfg, labelled):
     """Labelled training split plus the optional unlabelled transfer text."""
-    from tftransfer.distill import data as distill_data
+    from tftransfer.distill import transfer_set
     from tftransfer.errors import UserError
 
     transfer = None
     if cfg.distill.transfer_path:
         if labelled.modality != "text":
             raise UserError("distill.transfer_path: unlabelled transfer data is supported for text only.")
-        transfer = distill_data.load_transfer_text(cfg.distill.transfer_path, cfg.data.input_key or "text")
-    return distill_data.concatenate(labelled.train, transfer), transfer
+        transfer = transfer_set.load_transfer_text(cfg.distill.transfer_path, cfg.data.input_key or "text")
+    return transfer_set.concatenate(labelled.train, transfer), transfer
 
 
 def _init_student(dcfg, teacher, loaded):
