@@ -253,7 +253,7 @@ def _write_config(path, config, weights=True):
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
     if weights:
-        (path / "model.safetensors").write_bytes(b"")
+        (path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")  # no tensors
 
 
 @pytest.mark.parametrize("config, weights, message", [
