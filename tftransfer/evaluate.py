@@ -129,6 +129,7 @@ def _open_saved_model(path):
 
     from tftransfer import workdir
     from tftransfer.errors import UserError
+    from tftransfer.export import saved_model
     from tftransfer.heads import HeadSpec
     from tftransfer.report import predictions
 
@@ -152,8 +153,10 @@ def _open_saved_model(path):
         preprocessor = keras.saving.deserialize_keras_object(info["preprocessing"])
         predict = predictions.saved_model_predictor(loaded.signatures["serve_preprocessed"], heads, "image")
     else:
-        preprocessor = lambda text: text  # noqa: E731  (serving_default tokenises inside)
-        predict = predictions.saved_model_predictor(loaded.signatures["serving_default"], heads, "text")
+        preprocessor = lambda x: x  # noqa: E731  (serving_default tokenises inside)
+        names = tuple(n for n in saved_model.PAIR_INPUTS if n in info["signatures"][saved_model.RAW_SIGNATURE])
+        predict = predictions.saved_model_predictor(loaded.signatures["serving_default"], heads,
+                                                    names if len(names) == 2 else "text")
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     in_run = os.path.isfile(os.path.join(run_dir, workdir.CONFIG))
     return {"predict": predict, "heads": heads, "preprocessor": preprocessor, "modality": modality,

@@ -10,7 +10,8 @@ names. Training saves those beside it with `save_serving_assets`:
                        `assets/tokenizer/<vocabulary>` (text models)
     W/heads.json       {"format_version": 1, "modality": "image" | "text",
                         "backbone": {... LoadedBackbone.description ...},
-                        "heads": [{HeadSpec fields, class_names: [...]}]}
+                        "heads": [{HeadSpec fields, class_names: [...]}],
+                        "pair": true for sentence-pair text models}
 
 `load_serving_assets(W)` reads them back (with keras-hub's public
 deserialisation: nothing needs the original backbone), and `export_workdir`
@@ -43,15 +44,18 @@ class ServingAssets:
     modality: str. `"image"` or `"text"`.
     heads: list of `HeadSpec`, with class names.
     backbone: dict. `LoadedBackbone.description` of the trained backbone.
+    pair: bool. Text inputs are sentence pairs (serving takes `text` and
+        `text_pair`).
     """
 
     preprocessor: object
     modality: str
     heads: list
     backbone: dict
+    pair: bool = False
 
 
-def save_serving_assets(workdir, loaded, heads):
+def save_serving_assets(workdir, loaded, heads, pair=False):
     """Save `W/preprocessor/` and `W/heads.json` (each replaced atomically).
 
     Args:
@@ -59,6 +63,7 @@ def save_serving_assets(workdir, loaded, heads):
         loaded: `tftransfer.LoadedBackbone`. Its `preprocessor`, `modality`
             and `description` are saved.
         heads: list of `HeadSpec`.
+        pair: bool. A sentence-pair text model. Defaults to False.
 
     Example:
     ```python
@@ -83,6 +88,7 @@ def save_serving_assets(workdir, loaded, heads):
         "modality": loaded.modality,
         "backbone": loaded.description,
         "heads": [head_to_dict(h) for h in heads],
+        **({"pair": True} if pair else {}),
     })
 
 
@@ -135,7 +141,7 @@ def load_serving_assets(workdir):
             preprocessor.load_preset_assets(preset)
     except Exception as e:
         raise UserError(f"preprocessor in {preset!r} could not be loaded ({e}); re-run training.")
-    return ServingAssets(preprocessor, modality, heads, info.get("backbone", {}))
+    return ServingAssets(preprocessor, modality, heads, info.get("backbone", {}), bool(info.get("pair")))
 
 
 def load_trained_model(workdir):
@@ -264,6 +270,7 @@ def _export(workdir, assets, bases, export_base, version, overwrite, format, qua
         path = saved_model.export_saved_model(
             model, assets.preprocessor, assets.modality, assets.heads, export_base,
             version=version, overwrite=overwrite, metadata=metadata, image_background=background,
+            pair=assets.pair,
         )
         return {"path": path, "accuracy": record}
     return tflite.export_tflite(
