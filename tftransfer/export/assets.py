@@ -151,6 +151,17 @@ def load_trained_model(workdir):
     return load_model(_check_model_file(workdir), "--workdir model")
 
 
+def load_workdir_model(workdir):
+    """The served network of a trained work dir: `W/model.keras`, or for a LoRA
+    run its base (hash-checked) with the adapters merged into plain kernels."""
+    from tftransfer import lora
+    from tftransfer.workdir import LORA
+
+    if lora.is_artefact(os.path.join(workdir, LORA)):
+        return lora.merge(lora.load_adapter_model(os.path.join(workdir, LORA))[0])
+    return load_trained_model(workdir)
+
+
 def _check_model_file(workdir):
     path = os.path.join(workdir, MODEL_FILE)
     if not os.path.isfile(path):
@@ -244,13 +255,7 @@ def _export(workdir, assets, bases, export_base, version, overwrite, format, qua
             )
     if format == "saved_model" and quantize == "int8":
         quantize_lib.check_keras_int8(assets.modality)  # before the slow model load
-    from tftransfer import lora
-    from tftransfer.workdir import LORA
-
-    if lora.is_artefact(os.path.join(workdir, LORA)):  # base (hash-checked) + adapters, merged
-        model = lora.merge(lora.load_adapter_model(os.path.join(workdir, LORA))[0])
-    else:
-        model = load_trained_model(workdir)
+    model = load_workdir_model(workdir)
     metadata = {"backbone": assets.backbone, "config": _training_config(workdir)}
     # Served images are composited over the training data's background.
     background = ((metadata["config"] or {}).get("data") or {}).get("image_background")
