@@ -145,6 +145,10 @@ def test_mismatched_member_is_refused_before_anything_is_written(members):
     with pytest.raises(UserError, match=r"member '.*relabelled' differs from .* in heads.label.class_names"):
         export_ensemble([dirs[0], other], E)
     assert not os.path.exists(E)
+    # Refused by the version writer after the members loaded: still nothing left behind.
+    with pytest.raises(UserError, match="positive integer"):
+        export_ensemble(dirs, E, version=0)
+    assert not os.path.exists(E)
 
 
 def test_mean_probabilities_per_head_type():

@@ -197,9 +197,17 @@ def export_ensemble(members, out, export_base=None, version=None, overwrite=Fals
     metadata = {"backbone": first.backbone, "config": configs[0] or None,
                 "ensemble": {"members": absolute, "average": "probabilities"}}
     background = ((configs[0] or {}).get("data") or {}).get("image_background")
-    path = saved_model.export_saved_model(
-        model, first.preprocessor, first.modality, heads, base, version=version, overwrite=overwrite,
-        metadata=metadata, image_background=background, pair=first.pair)
+    bases = [base] + ([saved_model.token_ids_base(base)] if first.modality == "text" else [])
+    created = [d for d in [out] + bases if not os.path.exists(d)]
+    try:
+        path = saved_model.export_saved_model(
+            model, first.preprocessor, first.modality, heads, base, version=version, overwrite=overwrite,
+            metadata=metadata, image_background=background, pair=first.pair)
+    except BaseException:
+        for d in reversed(created):  # a refused export leaves nothing behind, not even its dirs
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+        raise
     # The ensemble dir's own files, after the version (each written atomically).
     with open(os.path.join(members[0], workdir.CONFIG)) as f:
         workdir.atomic_write_text(os.path.join(out, workdir.CONFIG), f.read())
