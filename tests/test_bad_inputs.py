@@ -85,6 +85,24 @@ def _train_cases(t):
         ["--config.backbone.spec=null", "--config.backbone.preset=resnet_18_imagenet"])
     add("local_preset_missing", TINY_DIGITS_YAML, ["./no/such/preset_dir"],
         ["--config.backbone.spec=null", "--config.backbone.preset=./no/such/preset_dir"])
+    add("spec_unknown_key", TINY_DIGITS_YAML.replace("block_type:", "blok_type:"),
+        ["backbone.spec.blok_type", "Did you mean 'block_type'"])
+    bad_json, no_weights, truncated = (t / "preset_bad_json", t / "hf_no_weights", t / "hf_truncated")
+    for d in (bad_json, no_weights, truncated):
+        d.mkdir()
+    (bad_json / "config.json").write_text("{not json")
+    hf_config = json.dumps({"model_type": "bert", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
+                            "num_attention_heads": 1, "intermediate_size": 8})
+    for d in (no_weights, truncated):
+        (d / "config.json").write_text(hf_config)
+        (d / "vocab.txt").write_text("\n".join(TINY_TEXT_VOCAB))
+    (truncated / "model.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\": {\"dtype\"")
+    for name, d, fragments in (("preset_config_not_json", bad_json, ["config.json is not valid JSON"]),
+                               ("hf_no_safetensors", no_weights, ["has no model.safetensors"]),
+                               ("hf_truncated_safetensors", truncated, ["model.safetensors is not a complete"])):
+        path = csv(name, "text,label\ngood,a\nbad,b\n")
+        add(name, f"backbone: {{preset: {d}, sequence_length: 8}}\ndata: {{source: csv, train_path: {path}}}\n",
+            [str(d)] + fragments)
     add("unknown_flag", TINY_DIGITS_YAML, ["Unknown command line flag 'epochs'"], ["--epochs=3"])
     add("bad_strategy_flag", TINY_DIGITS_YAML, ["--strategy"], ["--strategy=gpu_cluster"])
     add("eval_batch_size_negative", TINY_DIGITS_YAML, ["data.eval_batch_size must be >= 1"],

@@ -247,6 +247,7 @@ def _from_spec(spec, image_size, sequence_length):
     architecture = spec.pop("architecture", None)
     description = {"source": "spec", "architecture": architecture, "spec": dict(spec),
                    "pretrained": False}
+    _check_spec_keys(architecture, spec)
     try:
         if architecture == "resnet":
             kwargs = {**DEFAULT_RESNET_SPEC, **spec, "image_shape": (None, None, 3)}
@@ -280,6 +281,41 @@ def _from_spec(spec, image_size, sequence_length):
     raise UserError(
         f"backbone.spec.architecture must be one of resnet, bert. Received: {architecture!r}."
     )
+
+
+# Spec keys that are not constructor arguments of the keras-hub backbone:
+# the tokenizer's, and the Hugging Face BERT variant's (`hf_bert.HFBertBackbone`).
+_SPEC_EXTRA_KEYS = {"resnet": set(), "bert": {"vocabulary", "lowercase", "hidden_act", "layer_norm_epsilon"}}
+# Constructor arguments the spec may not set (tftransfer sets them).
+_SPEC_DERIVED_KEYS = {"resnet": {"image_shape"}, "bert": {"vocabulary_size"}}
+
+
+def _check_spec_keys(architecture, spec):
+    """Refuse a `backbone.spec` key the architecture does not take.
+
+    keras-hub backbones accept and silently drop unknown keyword arguments
+    (they pass `**kwargs` on), so a misspelled key would train a different
+    model than the config says. Allowed: the backbone constructor's named
+    arguments, plus the tokenizer's for BERT.
+    """
+    import difflib
+    import inspect
+
+    classes = {"resnet": keras_hub.models.ResNetBackbone, "bert": keras_hub.models.BertBackbone}
+    if architecture not in classes:
+        return  # Named by the caller's error.
+    parameters = inspect.signature(classes[architecture].__init__).parameters
+    allowed = ({n for n, p in parameters.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD}
+               | _SPEC_EXTRA_KEYS[architecture]) - _SPEC_DERIVED_KEYS[architecture]
+    for key in spec:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            derived = " (tftransfer sets it)" if key in _SPEC_DERIVED_KEYS[architecture] else ""
+            raise UserError(
+                f"Unknown key backbone.spec.{key}{derived} for architecture {architecture!r}.{hint} "
+                f"Allowed: {', '.join(sorted(allowed))}."
+            )
 
 
 def _from_keras_application(name, weights, image_size):
@@ -412,6 +448,7 @@ def local_checkpoint_format(path):
                 f"{where}: the Hugging Face {family} checkpoint has no model.safetensors "
                 f"(pytorch_model.bin is not read); save it with save_pretrained(..., safe_serialization=True)."
             )
+        _check_safetensors(path, where)
         return "huggingface", family
     if "architecture" in config:
         family = str(config["architecture"])
@@ -422,11 +459,32 @@ def local_checkpoint_format(path):
             )
         if not has_weights:
             raise UserError(f"{where}: the timm {family} checkpoint has no model.safetensors.")
+        _check_safetensors(path, where)
         return "timm", family
     raise UserError(
         f"{where}: config.json has none of registered_name (keras-hub), model_type (Hugging Face), "
         f"architecture (timm). Supported: {_supported_local()}."
     )
+
+
+def _check_safetensors(path, where):
+    """Refuse an unreadable `model.safetensors` (truncated download, wrong file).
+
+    Opening reads only the header, which also checks that the file covers
+    every tensor it declares, so a truncated file fails here in
+    milliseconds instead of as a traceback inside the weight converter.
+    """
+    from safetensors import safe_open
+
+    file = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(file):  # Sharded: each shard is checked as it loads.
+        return
+    try:
+        with safe_open(file, framework="np"):
+            pass
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError).
+        raise UserError(f"{where}: model.safetensors is not a complete safetensors file ({_first_line(e)}); "
+                        f"download or save the checkpoint again.")
 
 
 def _fold_roberta_token_type(model, path):

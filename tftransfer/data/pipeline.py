@@ -79,12 +79,18 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
             return ds.batch(global_batch_size, drop_remainder=drop_remainder)
         if passes is None:
             ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-            return ds.batch(global_batch_size, drop_remainder=drop_remainder)
+            return augmented(ds.batch(global_batch_size, drop_remainder=drop_remainder), seed, True)
         return _concatenate([
-            ds.shuffle(buffer, seed=seed * 1000003 + p, reshuffle_each_iteration=False)
-            .batch(global_batch_size, drop_remainder=drop_remainder)
+            augmented(ds.shuffle(buffer, seed=seed * 1000003 + p, reshuffle_each_iteration=False)
+                      .batch(global_batch_size, drop_remainder=drop_remainder),
+                      seed * 1000003 + p, False)
             for p in range(*passes)
         ])
+
+    def augmented(batches, pass_seed, rerandomize):
+        if modality != "image" or not augment:
+            return batches
+        return augment_batches(batches, augment, pass_seed, rerandomize)
 
     def to_targets(y):
         return {
@@ -96,13 +102,6 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
         if cache:
             ds = ds.cache()
         ds = shuffle_and_batch(ds)
-        if training and augment:
-            def apply(x, y):
-                for layer in augment:
-                    x = layer(x, training=True)
-                return x, y
-
-            ds = ds.map(apply, num_parallel_calls=AUTOTUNE)
     elif cache:
         # Tokenise each example once, then cache: later epochs only shuffle
         # and batch ready token ids (tokenising costs as much as a small
@@ -115,6 +114,39 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
         ds = ds.map(lambda x, y: (preprocess(preprocessor, x), y), num_parallel_calls=AUTOTUNE)
     ds = ds.map(lambda x, y: (x, to_targets(y)), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
+
+
+def augment_batches(batches, layers, seed, rerandomize=False):
+    """`(images, y)` batches with Keras random `layers` applied, seeded per batch.
+
+    Each batch draws its transformations from its own stateless seed, the
+    next element of `tf.data.Dataset.random(seed)`, so the result depends
+    only on `seed` and the batch's position: the same on every run, in any
+    parallel map order, and after a resume (which rebuilds the pass with
+    the same seed). Keras' layers on their own draw from a variable that
+    parallel map threads advance in no fixed order, so two seeded runs
+    augmented differently.
+
+    Args:
+        batches: dataset of `(images, y)` batches.
+        layers: Keras image preprocessing layers (`augmentation_layers`).
+        seed: int. The pass's seed.
+        rerandomize: bool. New draws on every iteration of the dataset
+            (for a dataset reused across epochs); False: the same each time.
+    """
+    from tftransfer.keras_private import StatelessSeed
+
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=rerandomize).batch(2)
+
+    def apply(batch, batch_seed):
+        x, y = batch
+        draws = StatelessSeed(batch_seed)
+        for layer in layers:
+            transformation = layer.get_random_transformation(x, training=True, seed=draws)
+            x = layer.transform_images(x, transformation, training=True)
+        return x, y
+
+    return tf.data.Dataset.zip((batches, seeds)).map(apply, num_parallel_calls=AUTOTUNE)
 
 
 def _concatenate(datasets):
