@@ -24,7 +24,7 @@ from tftransfer.backbones import LayerGroup
 from tftransfer.callbacks import ProgressiveUnfreezing, resolve_schedule
 from tftransfer.errors import UserError
 from tftransfer.heads import HeadSpec
-from tftransfer.optimizers import discriminative_multipliers
+from tftransfer.lr_multipliers import discriminative_multipliers
 from tftransfer.schedules import SlantedTriangular
 
 GROUPS = ["stem", "stack0", "stack1"]

@@ -22,7 +22,7 @@ from tftransfer.distill import (
     load_teacher,
     schedule_value,
 )
-from tftransfer.distill.init import evenly_spaced
+from tftransfer.distill.student_init import evenly_spaced
 from tftransfer.errors import UserError
 from tftransfer.heads import HeadSpec
 

@@ -29,6 +29,7 @@ import keras
 import keras_hub
 
 from tftransfer.errors import UserError
+from tftransfer.keras_private import sublayers
 
 # ImageNet mean/std in RGB order, on 0-255 pixels: what keras-hub's ResNet
 # presets use, and our default for randomly initialised image backbones.
@@ -117,15 +118,6 @@ class LoadedBackbone:
         if self.modality != "text":
             return None
         return self.preprocessor.sequence_length
-
-    def group(self, name):
-        for group in self.layer_groups:
-            if group.name == name:
-                return group
-        raise UserError(
-            f"Unknown layer group {name!r}. This backbone's groups, bottom to top: "
-            f"{', '.join(g.name for g in self.layer_groups)}."
-        )
 
 
 def load_backbone(
@@ -620,7 +612,7 @@ def _top_layers(model):
 
 
 def _sublayers(layer):
-    return list(layer._flatten_layers(include_self=False, recursive=False))
+    return sublayers(layer, recursive=False)
 
 
 def _group_by_rule(model, container, pattern, bottom, prefix):

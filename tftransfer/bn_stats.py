@@ -120,7 +120,6 @@ def recompute(model, dataset, layers=None, num_batches=DEFAULT_BATCHES):
 
 
 def _all_layers(model):
-    # Keras has no public recursive layer iterator; `_flatten_layers` is the
-    # one its own code uses (checked with Keras 3.15; tests/test_bn_stats.py
-    # fails loudly if it disappears).
-    return model._flatten_layers(include_self=False, recursive=True)
+    from tftransfer.keras_private import sublayers
+
+    return sublayers(model)

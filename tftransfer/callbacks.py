@@ -28,8 +28,9 @@ import os
 
 import keras
 
-from tftransfer import optimizers as optimizers_lib
+from tftransfer import lr_multipliers
 from tftransfer.errors import UserError
+from tftransfer.keras_private import sublayers, tracks_variable
 
 HEAD = "head"
 ALL = "all"
@@ -162,7 +163,7 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
     backbone group at `lr * lr_decay`, the next one down at
     `lr * lr_decay**2`, ..., the bottom group at `lr * lr_decay**N`. The
     rate is scaled inside the optimizer's update step
-    (`tftransfer.optimizers.set_lr_multipliers`), so it is exact for every
+    (`tftransfer.lr_multipliers.set_lr_multipliers`), so it is exact for every
     Keras optimizer, Adam included, and also scales decoupled weight decay.
     The multipliers are not saved with the model: `model.save` writes the
     plain optimizer and the callback sets them again at each `fit`.
@@ -197,7 +198,7 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
             unfreezes. Defaults to False.
         lr_decay: float in (0, 1], or None. Discriminative learning-rate
             factor per group below the head; ULMFiT uses `1 / 2.6`
-            (`tftransfer.optimizers.ULMFIT_LR_DECAY`). None: one learning
+            (`tftransfer.lr_multipliers.ULMFIT_LR_DECAY`). None: one learning
             rate for every variable. Defaults to None.
         log_dir: str or None. TensorBoard directory (the one given to
             `keras.callbacks.TensorBoard`). Defaults to None (History only).
@@ -293,7 +294,7 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
         self.points = resolve_schedule(schedule, names, unit, every if isinstance(every, int) else 1)
         self._pace_unit = unit
         self.lr_multipliers = (
-            optimizers_lib.discriminative_multipliers(names, self.lr_decay)
+            lr_multipliers.discriminative_multipliers(names, self.lr_decay)
             if self.lr_decay is not None
             else None
         )
@@ -330,7 +331,7 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
                 layer.trainable = trainable
                 if all_bn or self.train_bn:
                     continue
-                for sub in layer._flatten_layers(include_self=True, recursive=True):
+                for sub in sublayers(layer, include_self=True):
                     if isinstance(sub, keras.layers.BatchNormalization):
                         sub.trainable = False
         self.current = frozenset(groups)
@@ -360,13 +361,13 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
                 optimizer.build(model.trainable_variables)
         self._check_optimizer(optimizer)
         if self.lr_multipliers is not None:
-            optimizers_lib.set_lr_multipliers(
+            lr_multipliers.set_lr_multipliers(
                 optimizer,
                 [(g.variables, self.lr_multipliers[g.name]) for g in self.layer_groups],
                 owner=_OWNER,
             )
         else:  # A previous fit's discriminative rates must not linger.
-            optimizers_lib.clear_lr_multipliers(optimizer, owner=_OWNER)
+            lr_multipliers.clear_lr_multipliers(optimizer, owner=_OWNER)
         self._steps = self.params.get("steps") if self.params else None
         self._pace_unit = self.unit
         if self.schedule == GRADUAL and not isinstance(self.every, int):
@@ -484,24 +485,23 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
         """A frozen model containing the groups (e.g. `freeze_backbone=True`)
         would hide them from `trainable_variables`: the callback owns it now."""
         group_layers = {id(l) for g in self.layer_groups for l in g.layers}
-        for layer in self.model._flatten_layers(include_self=True, recursive=True):
+        for layer in sublayers(self.model, include_self=True):
             if id(layer) in group_layers or layer.trainable:
                 continue
-            inner = layer._flatten_layers(include_self=False, recursive=True)
+            inner = sublayers(layer)
             if any(id(l) in group_layers for l in inner):
                 layer.trainable = True
 
     def _check_optimizer(self, optimizer):
         """Every variable the schedule will train must be known to the optimizer."""
-        inner = optimizers_lib.inner_optimizer(optimizer)
-        known = inner._trainable_variables_indices
+        inner = lr_multipliers.inner_optimizer(optimizer)
         for group in self.layer_groups:
             if group.name not in self._ever_trainable():
                 continue
             self._apply(frozenset([group.name]))
             for layer in group.layers:
                 for v in layer.trainable_weights:
-                    if inner._var_key(v) not in known:
+                    if not tracks_variable(inner, v):
                         self.current = None
                         raise UserError(
                             f"ProgressiveUnfreezing: the optimizer was built before layer group "
@@ -584,7 +584,3 @@ def _strategy_scope(model):
         return contextlib.nullcontext()
     return strategy.scope()
 
-
-# The distillation schedule lives with the rest of distillation; re-exported
-# here so every training callback is reachable from `tftransfer.callbacks`.
-from tftransfer.distill.schedule import DistillationSchedule  # noqa: E402,F401

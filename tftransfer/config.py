@@ -6,6 +6,22 @@ arguments so that it is usable from a notebook without any config.
 Every key is validated once, when the file loads: an unknown or mistyped key
 raises `UserError` naming its dotted path and the allowed keys, before any
 work dir is touched.
+
+Why a small loader of our own (`from_dict`, ~165 lines) and not a library.
+Tried on the same three mistakes (unknown `train.epochz`, `epochs: many`,
+`learning_rate: 2e-5` read as a string by YAML 1.1), December 2026:
+- dacite 1.9 (strict): the unknown key error has no path ("can not match
+  "epochz" to any data class field") and no suggestion; `2e-5` is refused.
+- pydantic 2.14 (`extra="forbid"`): errors are multi-line with a URL; no
+  did-you-mean; lax mode silently turns `epochs: 2.5`-like floats and
+  strings into ints, strict mode refuses `2e-5`. Adopting it also means
+  rewriting every dataclass as a model.
+- ml_collections: suggests a close key, but its configs are Python files
+  and untyped dicts (no check that `epochs` is an int).
+None gives one line with the dotted path, the allowed keys and a
+suggestion, plus YAML-1.1-safe numbers; each would still need a wrapper of
+about this size to turn its errors into that line. So the dataclasses stay
+the schema and `from_dict` the loader.
 """
 
 import dataclasses
@@ -48,6 +64,12 @@ class BackboneConfig:
     image_size: Optional[int] = None
     # Text: tokens per example after the tokenizer (pad/truncate).
     sequence_length: int = 128
+
+    def load_kwargs(self):
+        """Keyword arguments of `tftransfer.backbones.load_backbone` for this backbone."""
+        return {"preset": self.preset, "spec": self.spec, "keras_application": self.keras_application,
+                "weights": self.weights, "load_weights": self.load_weights,
+                "image_size": self.image_size, "sequence_length": self.sequence_length}
 
     def validate(self, path):
         given = [k for k in ("preset", "spec", "keras_application") if getattr(self, k)]
@@ -130,7 +152,8 @@ FLIPS = ("horizontal", "vertical", "horizontal_and_vertical")
 
 @dataclasses.dataclass
 class AugmentConfig:
-    """Random image augmentation of training batches (Keras random layers).
+    """Random image augmentation of training batches (Keras random layers,
+    each batch seeded from `train.seed`: see `tftransfer.data.augment_batches`).
 
     Factors are fractions as in `keras.layers.RandomTranslation` /
     `RandomRotation` (of a full turn) / `RandomZoom`; 0 disables one.

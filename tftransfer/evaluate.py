@@ -145,11 +145,13 @@ def _open_saved_model(path):
     from tftransfer.heads import HeadSpec
     from tftransfer.report import predictions
 
+    from tftransfer.export.saved_model import METADATA_FILE
+
     try:
-        with open(os.path.join(path, "assets", "tftransfer.json")) as f:
+        with open(os.path.join(path, "assets", METADATA_FILE)) as f:
             info = json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"--workdir {path!r}: no readable assets/tftransfer.json ({e}); it was not "
+        raise UserError(f"--workdir {path!r}: no readable assets/{METADATA_FILE} ({e}); it was not "
                         f"exported by tftransfer.")
     heads = [HeadSpec(**{**h, "class_names": tuple(h["class_names"]) if h.get("class_names") else None})
              for h in info["heads"]]

@@ -103,10 +103,7 @@ def resolve_heads(cfg, labelled):
 
 def backbone_from_config(cfg):
     b = cfg.backbone
-    loaded = load_backbone(
-        b.preset, spec=b.spec, keras_application=b.keras_application, weights=b.weights,
-        load_weights=b.load_weights, image_size=b.image_size, sequence_length=b.sequence_length,
-    )
+    loaded = load_backbone(**b.load_kwargs())
     limit = getattr(loaded.model, "max_sequence_length", None)
     if loaded.modality == "text" and limit and b.sequence_length > limit:
         # Found now, not at the first step (an embedding lookup out of range).

@@ -12,7 +12,7 @@ import keras
 
 from tftransfer.callbacks import ALL, GRADUAL, ProgressiveUnfreezing
 from tftransfer.errors import UserError
-from tftransfer.optimizers import ULMFIT_LR_DECAY
+from tftransfer.lr_multipliers import ULMFIT_LR_DECAY
 
 DEFAULT_LR = 1e-3
 UNFREEZE_MODES = (GRADUAL, ALL)
@@ -166,8 +166,9 @@ def find_layer_groups(model):
     or other nested functional model), bottom to top."""
     from tftransfer.backbones import layer_groups
 
-    nested = [l for l in model._flatten_layers(include_self=False, recursive=True)
-              if isinstance(l, keras.Model)]
+    from tftransfer.keras_private import sublayers
+
+    nested = [l for l in sublayers(model) if isinstance(l, keras.Model)]
     try:
         import keras_hub
 

@@ -152,3 +152,11 @@ def build_head(pooled, spec):
     if spec.dropout:
         x = keras.layers.Dropout(spec.dropout, name=f"{spec.name}_dropout")(x)
     return keras.layers.Dense(spec.num_classes, dtype="float32", name=spec.name)(x)
+
+
+def head_to_dict(head):
+    """A `HeadSpec` as a JSON-able dict (class names as a list)."""
+    d = dataclasses.asdict(head)
+    if d.get("class_names") is not None:
+        d["class_names"] = list(d["class_names"])
+    return d

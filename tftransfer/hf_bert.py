@@ -235,6 +235,18 @@ class _PoolerTolerantLoader(SafetensorLoader):
         super().port_weight(keras_variable, hf_weight_key, hook_fn=hook_fn)
 
 
+def _read_supported_config(path, caller):
+    """`config.json` of a Hugging Face dir whose model_type `caller` supports."""
+    hf_config = _read_hf_config(path)
+    model_type = hf_config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"Unsupported Hugging Face model_type {model_type!r} in {path}: "
+            f"{caller} supports only {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    return hf_config
+
+
 def load_hf_bert(path, load_weights=True, dtype=None):
     """Build an `HFBertBackbone` from a Hugging Face BERT checkpoint directory.
 
@@ -279,13 +291,7 @@ def load_hf_bert(path, load_weights=True, dtype=None):
     ```
     """
     path = os.fspath(path)
-    hf_config = _read_hf_config(path)
-    model_type = hf_config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"Unsupported Hugging Face model_type {model_type!r} in {path}: "
-            f"load_hf_bert supports only {', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
+    hf_config = _read_supported_config(path, "load_hf_bert")
     _warn_unsupported_fields(hf_config, path)
     backbone = HFBertBackbone(
         **hf_config_to_backbone_kwargs(hf_config), dtype=dtype
@@ -382,14 +388,7 @@ def load_hf_tokenizer_preprocessor(path, sequence_length):
         tuple passed positionally is read as `(x, y)`.
     """
     path = os.fspath(path)
-    hf_config = _read_hf_config(path)
-    model_type = hf_config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"Unsupported Hugging Face model_type {model_type!r} in {path}: "
-            "load_hf_tokenizer_preprocessor supports only "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
+    _read_supported_config(path, "load_hf_tokenizer_preprocessor")
     tokenizer = keras_hub.models.BertTokenizer(**_hf_tokenizer_settings(path))
     return keras_hub.models.BertTextClassifierPreprocessor(
         tokenizer=tokenizer, sequence_length=sequence_length

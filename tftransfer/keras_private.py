@@ -53,6 +53,23 @@ def uses_weight_decay(optimizer, variable):
     return optimizer._use_weight_decay(variable)
 
 
+def default_weight_decay_methods():
+    """Keras' own `_apply_weight_decay` implementations (base and TensorFlow).
+
+    The per-variable learning-rate multipliers re-implement decoupled weight
+    decay with a scaled rate, which is only right for optimizers that keep
+    Keras' default decay; a subclass with its own decay is left alone.
+    """
+    from keras.src.optimizers import base_optimizer
+
+    methods = [base_optimizer.BaseOptimizer._apply_weight_decay]
+    if keras.backend.backend() == "tensorflow":
+        from keras.src.backend.tensorflow import optimizer as tf_optimizer
+
+        methods.append(tf_optimizer.TFOptimizer._apply_weight_decay)
+    return methods
+
+
 class StatelessSeed(keras.random.SeedGenerator):
     """A seed "generator" that derives every draw from one given seed tensor.
 

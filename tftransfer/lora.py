@@ -50,6 +50,7 @@ import numpy as np
 from absl import logging
 
 from tftransfer.errors import UserError
+from tftransfer.keras_private import sublayers
 
 ADAPTER_FILE = "adapter.json"
 WEIGHTS_FILE = "weights.npz"
@@ -67,7 +68,7 @@ LORA_LAYER_TYPES = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.E
 
 
 def _layers(backbone):
-    return [l for l in backbone._flatten_layers(include_self=False, recursive=True)]
+    return sublayers(backbone)
 
 
 def is_lora_weight(variable):
@@ -225,7 +226,7 @@ class LoRATraining(keras.callbacks.Callback):
     def save(self, workdir, heads):
         """Write `W/lora/` (adapter.json + weights.npz) atomically; returns its path."""
         from tftransfer import workdir as workdir_lib
-        from tftransfer.export.saved_model import head_to_dict
+        from tftransfer.heads import head_to_dict
 
         if base_hash(self.backbone) != self.base_sha256:  # a bug, not a user error
             raise RuntimeError("LoRA: the frozen base weights changed during training.")
@@ -397,11 +398,12 @@ def merge(model):
     own `kernel` property); all other weights are copied. Built from the
     model's config with `lora_rank` removed, so nothing re-creates adapters.
     """
-    import tftransfer  # noqa: F401  (registers tftransfer's serializable classes)
+    from tftransfer import workdir
 
+    workdir.import_serializable_classes()
     plain = keras.saving.deserialize_keras_object(_strip_lora(keras.saving.serialize_keras_object(model)))
     merged = {}
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in sublayers(model):
         if getattr(layer, "lora_enabled", False):
             merged[id(layer._kernel if hasattr(layer, "_kernel") else layer._embeddings)] = (
                 layer.kernel if hasattr(layer, "_kernel") else layer.embeddings

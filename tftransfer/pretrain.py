@@ -46,7 +46,7 @@ def main(argv):
 
     from tftransfer import experiment, workdir
     from tftransfer.backbones import save_backbone_preset
-    from tftransfer.distill.data import load_transfer_text
+    from tftransfer.distill.transfer_set import load_transfer_text
     from tftransfer.errors import UserError
 
     cfg = cli.load_run_config()

@@ -117,6 +117,14 @@ def _finite(value):
     return value
 
 
+def import_serializable_classes():
+    """Import every module whose Keras-serializable classes tftransfer's
+    models may hold; each registers its classes where they are defined."""
+    import keras_hub  # noqa: F401  (registers keras-hub classes)
+
+    from tftransfer import hf_bert, losses, schedules  # noqa: F401  (register themselves)
+
+
 def load_model(path, where="model"):
     """A saved `.keras` model, loaded in safe mode (no Lambda layers), uncompiled.
 
@@ -135,10 +143,8 @@ def load_model(path, where="model"):
             it holds a Lambda layer (refused by safe mode).
     """
     import keras
-    import keras_hub  # noqa: F401  (registers keras-hub classes)
 
-    from tftransfer import hf_bert, losses, schedules  # noqa: F401  (register themselves)
-
+    import_serializable_classes()
     if not os.path.isfile(path):
         raise UserError(f"{where} {path!r} is missing; train first or pass a saved .keras model.")
     try:

@@ -94,9 +94,9 @@ def main():
     from tftransfer.data import Split, make_pipeline
     from tftransfer.distill import report
     from tftransfer.distill.cache import cached_pipeline, fingerprint, load_or_compute, teacher_outputs
-    from tftransfer.distill.data import concatenate, load_transfer_text
+    from tftransfer.distill.transfer_set import concatenate, load_transfer_text
     from tftransfer.distill.distiller import Distiller
-    from tftransfer.distill.init import init_from_teacher
+    from tftransfer.distill.student_init import init_from_teacher
     from tftransfer.distill.teacher import check_compatible, find_backbone, load_teacher
 
     overrides = [f"{k}={v}" for k, v in paths.items()] + [

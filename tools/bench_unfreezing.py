@@ -48,7 +48,7 @@ from tftransfer import data as data_lib  # noqa: E402
 from tftransfer.backbones import TINY_RESNET_SPEC  # noqa: E402
 from tftransfer.callbacks import ProgressiveUnfreezing  # noqa: E402
 from tftransfer.heads import HeadSpec  # noqa: E402
-from tftransfer.optimizers import ULMFIT_LR_DECAY  # noqa: E402
+from tftransfer.lr_multipliers import ULMFIT_LR_DECAY  # noqa: E402
 from tftransfer.schedules import SlantedTriangular  # noqa: E402
 
 RESNET_SPEC = TINY_RESNET_SPEC

@@ -1,6 +1,7 @@
 """Data: sources (digits, TFDS, image folders, CSV/JSONL) and tf.data pipelines."""
 
 from tftransfer.data.pipeline import (
+    augment_batches,
     augmentation_layers,
     batches_per_pass,
     drop_final_batch,

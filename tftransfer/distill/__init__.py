@@ -26,7 +26,7 @@ _EXPORTS = {
     "teacher_outputs": "tftransfer.distill.cache",
     "Distiller": "tftransfer.distill.distiller",
     "HintonDistillation": "tftransfer.distill.distiller",
-    "init_from_teacher": "tftransfer.distill.init",
+    "init_from_teacher": "tftransfer.distill.student_init",
     "compare": "tftransfer.distill.report",
     "latency_per_example": "tftransfer.distill.report",
     "DistillationSchedule": "tftransfer.distill.schedule",

@@ -166,7 +166,7 @@ def _transfer_set(cfg, labelled):
 
 
 def _init_student(dcfg, teacher, loaded):
-    from tftransfer.distill.init import init_from_teacher
+    from tftransfer.distill.student_init import init_from_teacher
     from tftransfer.distill.teacher import find_backbone
     from tftransfer.errors import UserError
 

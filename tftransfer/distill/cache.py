@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from tftransfer.data.pipeline import preprocess
 from tftransfer.distill.distiller import STUDENT_INPUTS, TEACHER_OUTPUTS
+from tftransfer import workdir
 from tftransfer.errors import UserError
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -120,7 +121,7 @@ def fingerprint(teacher_paths, **details):
     """
     parts = []
     for path in teacher_paths:
-        model = os.path.join(path, "model.keras") if os.path.isdir(path) else path
+        model = os.path.join(path, workdir.MODEL) if os.path.isdir(path) else path
         stat = os.stat(model)
         parts.append([os.path.abspath(model), stat.st_size, int(stat.st_mtime_ns)])
     text = json.dumps({"teacher": parts, **details}, sort_keys=True, default=str)

@@ -38,7 +38,7 @@ def transformer_layers(backbone):
 
 def resolve_pairs(features, num_teacher, num_student):
     """`[(teacher index, student index), ...]` from `layerwise` or an explicit list."""
-    from tftransfer.distill.init import evenly_spaced
+    from tftransfer.distill.student_init import evenly_spaced
 
     if features == LAYERWISE:
         return list(zip(evenly_spaced(num_teacher, num_student), range(num_student)))

@@ -13,10 +13,9 @@ import os
 
 import keras
 
+from tftransfer import workdir as workdir_lib
 from tftransfer.errors import UserError
 
-MODEL_FILE = "model.keras"
-CONFIG_FILE = "config.yaml"
 
 
 @dataclasses.dataclass
@@ -212,10 +211,10 @@ def find_backbone(model):
 
 def _model_path(path, where):
     if os.path.isdir(path):
-        model_path = os.path.join(path, MODEL_FILE)
+        model_path = os.path.join(path, workdir_lib.MODEL)
         if not os.path.isfile(model_path):
             raise UserError(
-                f"{where} {path!r} has no {MODEL_FILE}; train the teacher first "
+                f"{where} {path!r} has no {workdir_lib.MODEL}; train the teacher first "
                 f"(python -m tftransfer.train --workdir={path} ...) or pass a .keras file."
             )
         return model_path, path
@@ -237,21 +236,21 @@ def _workdir_preprocessor(workdir):
     """The preprocessing a teacher work dir was trained with, or None."""
     from tftransfer.export import load_serving_assets
 
-    if os.path.isdir(os.path.join(workdir, "preprocessor")):
+    if os.path.isdir(os.path.join(workdir, workdir_lib.PREPROCESSOR)):
         try:
             return load_serving_assets(workdir).preprocessor
         except UserError:
             pass
-    config_path = os.path.join(workdir, CONFIG_FILE)
+    config_path = os.path.join(workdir, workdir_lib.CONFIG)
     if not os.path.isfile(config_path):
         return None
     from tftransfer import config as config_lib
-    from tftransfer import experiment
+    from tftransfer.backbones import load_backbone
 
     try:
         cfg = config_lib.load_config(config_path)
         cfg.backbone.load_weights = False  # Only the preprocessing is needed.
-        return experiment.backbone_from_config(cfg).preprocessor
+        return load_backbone(**cfg.backbone.load_kwargs()).preprocessor
     except UserError:
         return None  # e.g. a remote preset, offline: fall back to model checks.
 

@@ -23,12 +23,9 @@ import dataclasses
 import json
 import os
 
+from tftransfer import workdir as workdir_lib
 from tftransfer.errors import UserError
 
-PREPROCESSOR_DIR = "preprocessor"
-HEADS_FILE = "heads.json"
-MODEL_FILE = "model.keras"
-CONFIG_FILE = "config.yaml"
 FORMAT_VERSION = 1
 # keras-hub's file names inside a preset directory.
 _PREPROCESSOR_JSONS = ("preprocessor.json", "image_converter.json")
@@ -72,7 +69,7 @@ def save_serving_assets(workdir, loaded, heads, pair=False):
     assets.heads[0].class_names  # ('cat', 'dog')
     ```
     """
-    from tftransfer.export.saved_model import head_to_dict
+    from tftransfer.heads import head_to_dict
     from tftransfer.workdir import write_directory, write_json
 
     preprocessor = loaded.preprocessor
@@ -82,8 +79,8 @@ def save_serving_assets(workdir, loaded, heads, pair=False):
             f"(no save_to_preset); use a keras-hub image converter or text preprocessor."
         )
     # The preset directory appears whole or not at all.
-    write_directory(os.path.join(workdir, PREPROCESSOR_DIR), preprocessor.save_to_preset)
-    write_json(os.path.join(workdir, HEADS_FILE), {
+    write_directory(os.path.join(workdir, workdir_lib.PREPROCESSOR), preprocessor.save_to_preset)
+    write_json(os.path.join(workdir, workdir_lib.HEADS), {
         "format_version": FORMAT_VERSION,
         "modality": loaded.modality,
         "backbone": loaded.description,
@@ -110,8 +107,8 @@ def load_serving_assets(workdir):
     import keras_hub  # noqa: F401  (registers the keras-hub classes)
     from tftransfer.heads import HeadSpec
 
-    heads_path = os.path.join(workdir, HEADS_FILE)
-    preset = os.path.join(workdir, PREPROCESSOR_DIR)
+    heads_path = os.path.join(workdir, workdir_lib.HEADS)
+    preset = os.path.join(workdir, workdir_lib.PREPROCESSOR)
     for path in (heads_path, preset):
         if not os.path.exists(path):
             raise UserError(
@@ -163,7 +160,7 @@ def load_workdir_model(workdir):
 
 
 def _check_model_file(workdir):
-    path = os.path.join(workdir, MODEL_FILE)
+    path = os.path.join(workdir, workdir_lib.MODEL)
     if not os.path.isfile(path):
         raise UserError(
             f"{path!r} is missing: train first (python -m tftransfer.train --workdir={workdir} ...)."
@@ -292,7 +289,7 @@ def _export(workdir, assets, bases, export_base, version, overwrite, format, qua
 
 
 def _training_config(workdir):
-    path = os.path.join(workdir, CONFIG_FILE)
+    path = os.path.join(workdir, workdir_lib.CONFIG)
     if not os.path.isfile(path):
         return None
     import yaml

@@ -32,7 +32,6 @@ never sees a partial version. A failed export leaves neither a version nor a
 temporary directory behind.
 """
 
-import dataclasses
 import datetime
 import errno
 import json
@@ -44,6 +43,7 @@ import keras
 import tensorflow as tf
 
 from tftransfer.data import images
+from tftransfer.heads import head_to_dict
 from tftransfer.errors import UserError
 
 TMP_PREFIX = ".tmp-export-"
@@ -447,14 +447,6 @@ def describe_export(model, preprocessor, modality, heads, raw=True, metadata=Non
 def _output_names(heads):
     fake = {h.name: tf.zeros((1, h.num_classes)) for h in heads}
     return head_outputs(heads, fake).keys()
-
-
-def head_to_dict(head):
-    """A `HeadSpec` as a JSON-able dict (class names as a list)."""
-    d = dataclasses.asdict(head)
-    if d.get("class_names") is not None:
-        d["class_names"] = list(d["class_names"])
-    return d
 
 
 def custom_ops(saved_model_dir):

@@ -30,6 +30,7 @@ every `fit`).
 import keras
 
 from tftransfer.errors import UserError
+from tftransfer.keras_private import default_weight_decay_methods, uses_weight_decay, variable_key
 
 # ULMFiT (Howard & Ruder, 2018): each layer group trains at the rate of the
 # group above it divided by 2.6.
@@ -49,7 +50,7 @@ class _MultiplierState:
         self.patched_weight_decay = _uses_default_weight_decay(optimizer)
 
     def multiplier(self, variable):
-        return self.table.get(self.optimizer._var_key(variable), 1.0)
+        return self.table.get(variable_key(self.optimizer, variable), 1.0)
 
 
 def inner_optimizer(optimizer):
@@ -104,16 +105,10 @@ def set_lr_multipliers(optimizer, multipliers, owner=None):
     table = {}
     for variables, m in pairs:
         for variable in variables:
-            table[target._var_key(variable)] = m
+            table[variable_key(target, variable)] = m
     state.table = table
     state.owner = owner
     return optimizer
-
-
-def get_lr_multiplier(optimizer, variable):
-    """The multiplier `set_lr_multipliers` gave `variable` (1.0 if none)."""
-    state = inner_optimizer(optimizer).__dict__.get(_STATE)
-    return 1.0 if state is None else state.multiplier(variable)
 
 
 def clear_lr_multipliers(optimizer, owner=None):
@@ -175,15 +170,7 @@ def _scaled_update_step(state):
 
 def _uses_default_weight_decay(optimizer):
     """True if the optimizer keeps Keras' own `lr * wd` decoupled decay."""
-    method = type(optimizer)._apply_weight_decay
-    from keras.src.optimizers import base_optimizer
-
-    defaults = [base_optimizer.BaseOptimizer._apply_weight_decay]
-    if keras.backend.backend() == "tensorflow":
-        from keras.src.backend.tensorflow import optimizer as tf_optimizer
-
-        defaults.append(tf_optimizer.TFOptimizer._apply_weight_decay)
-    return method in defaults
+    return type(optimizer)._apply_weight_decay in default_weight_decay_methods()
 
 
 def _scaled_weight_decay(state):
@@ -191,7 +178,7 @@ def _scaled_weight_decay(state):
     optimizer = state.optimizer
 
     def decay_one(variable):
-        if optimizer._use_weight_decay(variable):
+        if uses_weight_decay(optimizer, variable):
             lr = keras.ops.cast(optimizer.learning_rate, variable.dtype) * state.multiplier(variable)
             wd = keras.ops.cast(optimizer.weight_decay, variable.dtype)
             variable.assign_sub(variable * wd * lr)
