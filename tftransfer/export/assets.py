@@ -221,7 +221,7 @@ def export_workdir(workdir, export_base=None, version=None, overwrite=False,
         raise UserError(f"--workdir {workdir!r} is not a directory; pass a trained work dir.")
     from tftransfer.export import ensemble
 
-    if ensemble.is_ensemble_dir(workdir) and not os.path.isfile(os.path.join(workdir, MODEL_FILE)):
+    if ensemble.is_ensemble_dir(workdir) and not os.path.isfile(os.path.join(workdir, workdir_lib.MODEL)):
         raise UserError(f"--workdir {workdir!r} is an ensemble dir; export it again with "
                         f"--ensemble=<the member work dirs> (listed in its ensemble.json).")
     _check_model_file(workdir)
