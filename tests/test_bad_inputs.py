@@ -143,6 +143,16 @@ def _train_cases(t):
                   ["label 4 is outside heads.0.num_classes=2"], extra="heads: [{num_classes: 2}]\n")
     text_csv_case("empty_csv", "text,label\n", ["holds no examples"])
     text_csv_case("missing_column", "sentence,label\ngood,a\n", ["no column 'text'", "data.input_key"])
+    # Sentence pairs (data.input_key: [first, second]).
+    text_csv_case("pair_missing_column", "first,label\ngood,a\nbad,b\n", ["pair_missing_column.csv", "no column 'second'"],
+                  data_extra=", input_key: [first, second]")
+    text_csv_case("pair_three_keys", "a,b,c,label\ngood,bad,meh,a\n", ["data.input_key", "exactly 2"],
+                  data_extra=", input_key: [a, b, c]")
+    pair_csv = csv("pair_image_backbone", "first,second,label\ngood,bad,a\nbad,good,b\n")
+    add("pair_on_image_backbone", digits_head + f"data: {{source: csv, train_path: {pair_csv}, "
+        "input_key: [first, second]}\n", ["sentence pairs need a text backbone"])
+    add("pair_on_image_source", TINY_DIGITS_YAML, ["data.input_key", "source digits gives images"],
+        ["--config.data.input_key=[a, b]"])
     text_csv_case("missing_label", "text,label\ngood,a\nbad,\n", ["example 2: no label in 'label'"])
     text_csv_case("single_class", "text,label\ngood,a\nbad,a\n", ["classification needs at least two classes"])
     text_csv_case("not_utf8", "text,label\ngood,a\ncaf\xe9,b\n", ["line 3: not UTF-8 text"], encoding="latin-1")
@@ -220,6 +230,25 @@ def _export_cases(t, trained):
                   ["exists; pass --overwrite or another --version"]))
     cases.append(("export_unknown_format", [f"--workdir={trained}", "--format=onnx"], ["--format"]))
     cases.append(("export_extra_argument", [f"--workdir={trained}", "stray"], ["unexpected arguments"]))
+    # Ensembles: members must be finished runs sharing preprocessing and heads.
+    bigger = t / "w_bigger_images"
+    shutil.copytree(trained, bigger)
+    converter = json.load(open(bigger / "preprocessor" / "image_converter.json"))
+    converter["config"]["image_size"] = [24, 24]
+    (bigger / "preprocessor" / "image_converter.json").write_text(json.dumps(converter))
+    unfinished = t / "w_unfinished_member"
+    shutil.copytree(trained, unfinished)
+    os.remove(unfinished / "metrics.json")
+    out = str(t / "w_ensemble")
+    cases.append(("ensemble_mismatched_member", [f"--workdir={out}", f"--ensemble={trained},{bigger}"],
+                  ["member", "w_bigger_images", "differs", "preprocessing.image_size"]))
+    cases.append(("ensemble_one_member", [f"--workdir={out}", f"--ensemble={trained}"], ["at least two"]))
+    cases.append(("ensemble_unfinished_member", [f"--workdir={out}", f"--ensemble={trained},{unfinished}"],
+                  ["w_unfinished_member", "not a finished run"]))
+    cases.append(("ensemble_tflite", [f"--workdir={out}", f"--ensemble={trained},{bigger}", "--format=tflite"],
+                  ["--ensemble writes a float SavedModel"]))
+    cases.append(("ensemble_into_training_run", [f"--workdir={unfinished}", f"--ensemble={trained},{bigger}"],
+                  ["holds a training run"]))
     return cases
 
 

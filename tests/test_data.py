@@ -291,3 +291,56 @@ export: {{saved_model: false}}
         _kshot_labels(image_cfg.replace("train_per_class: 2", "train_per_class: 4"), 0, tmp_path)
     with pytest.raises(UserError, match=r"data.digits.train_per_class moved to data.train_per_class"):
         _kshot_labels("backbone: {preset: x}\ndata: {digits: {train_per_class: 3}}\n", 0, tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Sentence pairs: data.input_key [first, second]
+# ---------------------------------------------------------------------------
+
+PAIR_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "movie", "film", "was", "good", "bad"]
+
+
+def test_sentence_pairs_pack_both_segments_with_segment_ids(tmp_path):
+    import keras_hub
+
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"q": "the movie was good", "p": "a film", "label": "yes"},
+            {"q": "bad", "p": "the film was bad a movie the film was good", "label": "no"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = data.load_text_file("jsonl", str(path), text_key=["q", "p"])
+    assert d.pair and d.class_names == ["no", "yes"]
+    preprocessor = keras_hub.models.BertTextClassifierPreprocessor(
+        tokenizer=keras_hub.models.BertTokenizer(vocabulary=PAIR_VOCAB), sequence_length=10)
+    heads = [HeadSpec(num_classes=2)]
+    x, y = next(iter(data.make_pipeline(d.train, preprocessor, "text", heads, 2)))
+    ids, segments, mask = (np.asarray(x[k]) for k in ("token_ids", "segment_ids", "padding_mask"))
+    word = {t: i for i, t in enumerate(PAIR_VOCAB)}
+    tokens = lambda text: [word[t] for t in text.split()]  # noqa: E731
+    CLS, SEP = word["[CLS]"], word["[SEP]"]
+    # [CLS] first [SEP] second [SEP] [PAD]..., segment ids 0 through the first [SEP], then 1.
+    np.testing.assert_array_equal(ids[0], [CLS, *tokens("the movie was good"), SEP, *tokens("a film"), SEP, 0])
+    np.testing.assert_array_equal(segments[0], [0] * 6 + [1] * 3 + [0])
+    np.testing.assert_array_equal(mask[0], [True] * 9 + [False])
+    # Too long for 10: round-robin truncation keeps both segments and both [SEP]s.
+    np.testing.assert_array_equal(ids[1], [CLS, word["bad"], SEP, *tokens("the film was bad a movie"), SEP])
+    np.testing.assert_array_equal(segments[1], [0, 0, 0] + [1] * 7)
+    assert list(np.asarray(y["label"])) == [1, 0]
+    # The report describes an example by both texts.
+    from tftransfer.report.predictions import describe_examples
+
+    assert describe_examples(d.train, "text")[0] == "the movie was good [SEP] a film"
+    # CSV: a missing second column is named with the file.
+    csv_path = tmp_path / "pairs.csv"
+    csv_path.write_text("q,label\nthe movie,yes\na film,no\n")
+    with pytest.raises(UserError, match=r"pairs.csv.*no column 'p'"):
+        data.load_text_file("csv", str(csv_path), text_key=["q", "p"])
+
+
+def test_tfds_sentence_pairs_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=4):
+        d = data.load_tfds("glue/mrpc", input_key=["sentence1", "sentence2"], download=False)
+        (first, second), y = next(iter(d.train.dataset))
+        assert d.pair and d.modality == "text" and first.dtype == second.dtype == tf.string
+        with pytest.raises(UserError, match="not a text feature"):
+            data.load_tfds("glue/mrpc", input_key=["sentence1", "idx"], download=False)

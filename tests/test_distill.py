@@ -208,6 +208,19 @@ def test_cached_and_uncached_training_give_the_same_student(tmp_path):
         np.testing.assert_allclose(again["final_output"]["label"], outputs["final_output"]["label"], atol=1e-6)
 
 
+def test_teacher_outputs_of_sentence_pairs_read_both_texts():
+    rng = np.random.RandomState(2)
+    first, second = ([" ".join(rng.choice(TINY_VOCAB[5:], 3)) for _ in range(6)] for _ in range(2))
+    split = Split(tf.data.Dataset.from_tensor_slices(((first, second), np.zeros(6, "int32"))), 6)
+    loaded, teacher = _tiny_text_model(0)
+    _, student = _tiny_text_model(1, num_layers=1, hidden_dim=8, intermediate_dim=16)
+    outputs, _ = load_or_compute(Distiller(teacher, student, HEADS), split, loaded.preprocessor, "text")
+    pairs = loaded.preprocessor(x=(tf.constant(first), tf.constant(second)))
+    np.testing.assert_allclose(outputs["final_output"]["label"], teacher(pairs)["label"], atol=1e-6)
+    alone = teacher(loaded.preprocessor(tf.constant(first)))["label"]
+    assert np.abs(outputs["final_output"]["label"] - np.asarray(alone)).max() > 1e-4  # the second text counted
+
+
 def test_ensemble_teacher_averages_logits(tmp_path):
     a, b = _dense_model(16, "transfer_model", 0), _dense_model(12, "transfer_model", 1)  # same names
     paths = [str(tmp_path / "a.keras"), str(tmp_path / "b.keras")]

@@ -191,7 +191,9 @@ class DataConfig:
     # Held out of the training data when there is no validation split/path.
     validation_fraction: float = 0.0
     # tfds feature / csv column / jsonl key holding the input and the label.
-    input_key: Optional[str] = None
+    # Two keys `[first, second]`: sentence pairs (text backbones; the
+    # preprocessor packs `[CLS] first [SEP] second [SEP]`, segment ids 0 / 1).
+    input_key: Optional[Union[str, list[str]]] = None
     label_key: str = "label"
     digits: DigitsConfig = dataclasses.field(default_factory=DigitsConfig)
     # k-shot: exactly this many labelled training examples per class (stratified,
@@ -221,6 +223,14 @@ class DataConfig:
             raise UserError(f"{path}.train_path is required for source {self.source}.")
         if self.batch_size < 1:
             raise UserError(f"{path}.batch_size must be >= 1. Received: {self.batch_size}.")
+        if isinstance(self.input_key, list):
+            keys = self.input_key
+            if len(keys) != 2 or not all(keys) or keys[0] == keys[1]:
+                raise UserError(f"{path}.input_key: a sentence pair takes exactly 2 different keys "
+                                f"[first, second]. Received: {keys!r}.")
+            if self.source not in ("csv", "jsonl", "tfds"):
+                raise UserError(f"{path}.input_key: sentence pairs need text data (source csv, jsonl or "
+                                f"tfds); source {self.source} gives images. Received: {keys!r}.")
         bg = self.image_background
         if (not isinstance(bg, (list, tuple)) or len(bg) != 3
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 255 for v in bg)):

@@ -4,9 +4,12 @@
     python -m tftransfer.evaluate --workdir=W --split=train
     python -m tftransfer.evaluate --workdir=W/export/1              # the exported SavedModel
     python -m tftransfer.evaluate --workdir=W --config.data.validation_path=test.csv
+    python -m tftransfer.evaluate --workdir=E          # an ensemble dir (tftransfer.export --ensemble)
 
-`--workdir` is a trained work dir (`model.keras`, run in safe mode) or an
-exported SavedModel directory (its `serve_preprocessed` signature, or for
+`--workdir` is a trained work dir (`model.keras`, run in safe mode), an
+ensemble dir written by `python -m tftransfer.export --workdir=E
+--ensemble=W1,W2` (its members, re-checked, probabilities averaged; the data
+of the first member's config), or an exported SavedModel directory (its `serve_preprocessed` signature, or for
 text `serving_default`, exactly what TF Serving runs). The data come from the
 run's resolved config (`W/config.yaml`, or the config recorded in the
 SavedModel's `assets/tftransfer.json`), with `--config.*` overrides applied.
@@ -104,6 +107,15 @@ def _open(target):
 
     if os.path.isfile(os.path.join(target, "saved_model.pb")):
         return _open_saved_model(target)
+    from tftransfer.export import ensemble
+
+    if ensemble.is_ensemble_dir(target):
+        model, assets = ensemble.load_ensemble_dir(target)
+        with open(os.path.join(target, workdir.CONFIG)) as f:
+            config_text = f.read()
+        return {"predict": predictions.keras_predictor(model, assets.heads), "heads": assets.heads,
+                "preprocessor": assets.preprocessor, "modality": assets.modality, "config_text": config_text,
+                "run_dir": None, "report_dir": os.path.join(target, workdir.REPORT)}
     if not os.path.exists(os.path.join(target, workdir.MODEL)):
         raise UserError(f"--workdir {target!r} has no {workdir.MODEL} and no saved_model.pb; "
                         f"pass a trained work dir (run tftransfer.train there first) or W/export/<N>.")
@@ -129,6 +141,7 @@ def _open_saved_model(path):
 
     from tftransfer import workdir
     from tftransfer.errors import UserError
+    from tftransfer.export import saved_model
     from tftransfer.heads import HeadSpec
     from tftransfer.report import predictions
 
@@ -154,8 +167,10 @@ def _open_saved_model(path):
         preprocessor = keras.saving.deserialize_keras_object(info["preprocessing"])
         predict = predictions.saved_model_predictor(loaded.signatures["serve_preprocessed"], heads, "image")
     else:
-        preprocessor = lambda text: text  # noqa: E731  (serving_default tokenises inside)
-        predict = predictions.saved_model_predictor(loaded.signatures["serving_default"], heads, "text")
+        preprocessor = lambda x: x  # noqa: E731  (serving_default tokenises inside)
+        names = tuple(n for n in saved_model.PAIR_INPUTS if n in info["signatures"][saved_model.RAW_SIGNATURE])
+        predict = predictions.saved_model_predictor(loaded.signatures["serving_default"], heads,
+                                                    names if len(names) == 2 else "text")
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     in_run = os.path.isfile(os.path.join(run_dir, workdir.CONFIG))
     return {"predict": predict, "heads": heads, "preprocessor": preprocessor, "modality": modality,

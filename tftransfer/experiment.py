@@ -225,6 +225,11 @@ def recompute_bn_stats(cfg, model, train_split, preprocessor, modality, heads, v
         logging.info("recomputed BatchNorm statistics of %d layers over %d batches", len(layers), used)
     return report
 def check_modality(cfg, loaded, labelled):
+    if labelled.pair and loaded.modality != "text":
+        raise UserError(
+            f"data.input_key {cfg.data.input_key}: sentence pairs need a text backbone (BERT family), "
+            f"but the backbone is an {loaded.modality} model; pick a text backbone or one input_key."
+        )
     if loaded.modality != labelled.modality:
         raise UserError(
             f"backbone is a {loaded.modality} model but data source {cfg.data.source} "
@@ -356,7 +361,8 @@ def export(cfg, run, model, loaded, heads, metadata=None, adapters=None):
     from tftransfer import lora, workdir
     from tftransfer.export import export_saved_model, save_serving_assets
 
-    save_serving_assets(run.out, loaded, heads)
+    pair = isinstance(cfg.data.input_key, list)  # serving takes `text` and `text_pair`
+    save_serving_assets(run.out, loaded, heads, pair=pair)
     if adapters is not None:
         adapters.save(run.out, heads)  # W/lora/: adapters + heads, base named and hashed
         model = lora.merge(model)  # no LoRA variables in the served model
@@ -369,4 +375,4 @@ def export(cfg, run, model, loaded, heads, metadata=None, adapters=None):
     metadata = {"backbone": loaded.description, "config": config_lib.to_dict(cfg), **(metadata or {})}
     return export_saved_model(model, loaded.preprocessor, loaded.modality, heads,
                               run.path(workdir.EXPORT), metadata=metadata,
-                              image_background=getattr(cfg.data, "image_background", None))
+                              image_background=getattr(cfg.data, "image_background", None), pair=pair)

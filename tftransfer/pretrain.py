@@ -53,6 +53,9 @@ def main(argv):
     p = cfg.pretrain
     if p is None or not p.corpus:
         raise UserError("pretrain.corpus: list the unlabelled text files (.txt lines, .csv, .jsonl) to pretrain on.")
+    if isinstance(cfg.data.input_key, list):
+        raise UserError(f"data.input_key {cfg.data.input_key}: pretraining reads one text column of the corpus; "
+                        f"set data.input_key to one column name.")
     run = cli.start_run(cfg)  # strategy first; the work dir claimed
     strategy = run.strategy
     corpus = p.corpus if isinstance(p.corpus, list) else [p.corpus]

@@ -16,6 +16,10 @@
     W/lora/           LoRA runs: adapters + heads, base named and hashed (tftransfer.lora)
     W/metrics.json    written last: its presence means the run finished
 
+An ensemble dir (`python -m tftransfer.export --workdir=E --ensemble=W1,W2`)
+holds E/ensemble.json (the member work dirs), E/config.yaml, E/heads.json and
+E/preprocessor/ (the first member's, shared by all), and E/export/<N>/.
+
 Files are written to a temporary name and renamed, so a crash never leaves
 a half-written file under its final name.
 """
@@ -41,6 +45,7 @@ TRAIN_IDS = "train_ids.json"
 BEST_WEIGHTS = os.path.join(CHECKPOINTS, "best.weights.h5")
 REPORT = "report"
 LORA = "lora"
+ENSEMBLE = "ensemble.json"
 RUN_OUTPUTS = (CONFIG, METRICS, BACKUP, CHECKPOINTS, LOGS, EXPORT, MODEL, BACKBONE_PRESET,
                PREPROCESSOR, HEADS, HISTORY, TRAIN_IDS, "export_token_ids", "tflite", REPORT, "cache", LORA)
 

@@ -12,6 +12,17 @@ import tensorflow as tf
 AUTOTUNE = tf.data.AUTOTUNE
 
 
+def preprocess(preprocessor, x):
+    """`preprocessor(x)`; a sentence pair `(first, second)` is passed as `x=`.
+
+    keras-hub preprocessors read a positional 2-tuple as `(x, y)` (features
+    and labels), so a pair passed positionally would lose its second text.
+    """
+    if isinstance(x, tuple):
+        return preprocessor(x=x)
+    return preprocessor(x)
+
+
 def augmentation_layers(flip=None, translate=0.0, rotate=0.0, zoom=0.0, seed=0):
     """Keras random-augmentation layers for training batches (possibly none).
 
@@ -87,7 +98,7 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
         }
 
     if modality == "image":
-        ds = ds.map(lambda x, y: (preprocessor(x), y), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda x, y: (preprocess(preprocessor, x), y), num_parallel_calls=AUTOTUNE)
         if cache:
             ds = ds.cache()
         ds = shuffle_and_batch(ds)
@@ -95,12 +106,12 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
         # Tokenise each example once, then cache: later epochs only shuffle
         # and batch ready token ids (tokenising costs as much as a small
         # BERT's forward pass on CPU).
-        ds = ds.map(lambda x, y: (preprocessor(x), y), num_parallel_calls=AUTOTUNE).cache()
+        ds = ds.map(lambda x, y: (preprocess(preprocessor, x), y), num_parallel_calls=AUTOTUNE).cache()
         ds = shuffle_and_batch(ds)
     else:
         # No cache (data larger than memory): tokenise whole batches, in parallel.
         ds = shuffle_and_batch(ds)
-        ds = ds.map(lambda x, y: (preprocessor(x), y), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda x, y: (preprocess(preprocessor, x), y), num_parallel_calls=AUTOTUNE)
     ds = ds.map(lambda x, y: (x, to_targets(y)), num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)
 

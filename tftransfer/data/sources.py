@@ -3,7 +3,8 @@
 Every loader returns a `LabelledData`: a train and optional validation
 `Split` of `(raw_input, label)` examples plus the class names. Raw inputs are
 what a client would send: RGB pixels as float32 0-255 (`(h, w, 3)`, any
-size) for images, UTF-8 strings for text. Labels are int32 class ids
+size) for images, UTF-8 strings for text (a `(first, second)` tuple of
+strings for sentence pairs). Labels are int32 class ids
 (classification), a multi-hot float vector (multilabel) or floats
 (regression).
 
@@ -54,6 +55,8 @@ class LabelledData:
     # k-shot: positions of the kept training examples in the source's
     # training split (None: all of them). Written to the work dir.
     train_ids: list = None
+    # Text inputs are `(first, second)` sentence pairs (two input keys).
+    pair: bool = False
 
     @property
     def num_classes(self):
@@ -238,6 +241,8 @@ def load_text_file(fmt, train_path, validation_path=None, validation_fraction=0.
                    class_names=None, seed=0):
     """Text + label columns from a CSV (header row) or JSONL file.
 
+    `text_key` may be two keys `[first, second]`: each example's input is
+    then the pair of strings `(first, second)` (sentence-pair tasks).
     Labels may be class names (mapped to sorted ids) or integer ids.
     Multilabel: a list (JSONL) or `|`-separated names. Regression: numbers.
     """
@@ -265,7 +270,8 @@ def load_text_file(fmt, train_path, validation_path=None, validation_fraction=0.
         val = _text_split(vtexts, vlabels)
     else:
         val = None
-    return LabelledData("text", _text_split(texts, labels), val, class_names, label_type, integer_ids)
+    return LabelledData("text", _text_split(texts, labels), val, class_names, label_type, integer_ids,
+                        pair=not isinstance(text_key, str))
 
 
 def _check_one_label_type(labels, label_key, path):
@@ -299,6 +305,8 @@ def _check_classes(train_labels, val_labels, class_names, label_key, train_path,
 
 
 def _read_rows(fmt, path, text_key, label_key, where):
+    """`(inputs, labels)`: inputs are strings, or `(first, second)` tuples for two text keys."""
+    text_keys = [text_key] if isinstance(text_key, str) else list(text_key)
     if not os.path.isfile(path):
         raise UserError(f"{where} {path!r}: no such file.")
     with open(path, "rb") as f:
@@ -315,7 +323,7 @@ def _read_rows(fmt, path, text_key, label_key, where):
     with io.StringIO(content, newline="") as f:
         if fmt == "csv":
             reader = csv.DictReader(f)
-            missing = [k for k in (text_key, label_key) if k not in (reader.fieldnames or [])]
+            missing = [k for k in (*text_keys, label_key) if k not in (reader.fieldnames or [])]
             if missing:
                 raise UserError(
                     f"{where} {path!r}: no column {missing[0]!r}; columns are "
@@ -330,7 +338,7 @@ def _read_rows(fmt, path, text_key, label_key, where):
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{where} {path!r} line {n}: not valid JSON ({e.msg}).")
-                for k in (text_key, label_key):
+                for k in (*text_keys, label_key):
                     if k not in row:
                         raise UserError(f"{where} {path!r} line {n}: no key {k!r}.")
                 rows.append(row)
@@ -341,8 +349,11 @@ def _read_rows(fmt, path, text_key, label_key, where):
             raise UserError(
                 f"{where} {path!r} example {n}: no label in {label_key!r}; label it or remove the row."
             )
-        if r[text_key] is None:
-            raise UserError(f"{where} {path!r} example {n}: no text in {text_key!r}.")
+        for k in text_keys:
+            if r[k] is None:
+                raise UserError(f"{where} {path!r} example {n}: no text in {k!r}.")
+    if len(text_keys) == 2:
+        return [(str(r[text_keys[0]]), str(r[text_keys[1]])) for r in rows], [r[label_key] for r in rows]
     return [str(r[text_key]) for r in rows], [r[label_key] for r in rows]
 
 
@@ -411,7 +422,10 @@ def _text_split(texts, labels):
         labels = labels.astype("int32")
     else:
         labels = labels.astype("float32")
-    return Split(tf.data.Dataset.from_tensor_slices((texts, labels)), len(texts))
+    inputs = texts
+    if texts and isinstance(texts[0], tuple):  # sentence pairs: ((first...), (second...))
+        inputs = tuple(list(column) for column in zip(*texts))
+    return Split(tf.data.Dataset.from_tensor_slices((inputs, labels)), len(texts))
 
 
 # ---------------------------------------------------------------------------
@@ -421,7 +435,10 @@ def _text_split(texts, labels):
 
 def load_tfds(name, train_split="train", validation_split=None, data_dir=None,
               input_key=None, label_key="label", download=True):
-    """A TFDS dataset by name and split (images or text, one class label)."""
+    """A TFDS dataset by name and split (images or text, one class label).
+
+    `input_key` may be two text features `[first, second]` (sentence pairs).
+    """
     try:
         import tensorflow_datasets as tfds
         # Imported lazily inside TFDS (and not declared by it): a missing one
@@ -452,11 +469,16 @@ def load_tfds(name, train_split="train", validation_split=None, data_dir=None,
     features = builder.info.features
     if label_key not in features:
         raise UserError(f"data.label_key {label_key!r} is not a feature of {name}: {list(features)}.")
+    pair = input_key is not None and not isinstance(input_key, str)
     if input_key is None:
         input_key = _default_input_key(features, tfds)
-    elif input_key not in features:
-        raise UserError(f"data.input_key {input_key!r} is not a feature of {name}: {list(features)}.")
-    modality = "image" if isinstance(features[input_key], tfds.features.Image) else "text"
+    for key in (input_key if pair else [input_key]):
+        if key not in features:
+            raise UserError(f"data.input_key {key!r} is not a feature of {name}: {list(features)}.")
+        if pair and not isinstance(features[key], tfds.features.Text):
+            raise UserError(f"data.input_key {key!r} of {name} is not a text feature; a sentence pair "
+                            f"takes two text features.")
+    modality = "text" if pair else "image" if isinstance(features[input_key], tfds.features.Image) else "text"
     label_feature = features[label_key]
     class_names = list(label_feature.names) if hasattr(label_feature, "names") else None
 
@@ -471,13 +493,16 @@ def load_tfds(name, train_split="train", validation_split=None, data_dir=None,
         if modality == "image":
             ds = ds.map(lambda ex: (tf.cast(ex[input_key], tf.float32), tf.cast(ex[label_key], tf.int32)),
                         num_parallel_calls=tf.data.AUTOTUNE)
+        elif pair:
+            ds = ds.map(lambda ex: ((ex[input_key[0]], ex[input_key[1]]), tf.cast(ex[label_key], tf.int32)),
+                        num_parallel_calls=tf.data.AUTOTUNE)
         else:
             ds = ds.map(lambda ex: (ex[input_key], tf.cast(ex[label_key], tf.int32)),
                         num_parallel_calls=tf.data.AUTOTUNE)
         return Split(ds, n)
 
     val = split(validation_split) if validation_split else None
-    return LabelledData(modality, split(train_split), val, class_names)
+    return LabelledData(modality, split(train_split), val, class_names, pair=pair)
 
 
 def _check_download_hosts(name, builder, data_dir, timeout=5.0):

@@ -158,6 +158,9 @@ def _transfer_set(cfg, labelled):
     if cfg.distill.transfer_path:
         if labelled.modality != "text":
             raise UserError("distill.transfer_path: unlabelled transfer data is supported for text only.")
+        if labelled.pair:
+            raise UserError("distill.transfer_path: unlabelled transfer text is one sentence per example; "
+                            "a sentence-pair student (two data.input_key) distils on its labelled pairs only.")
         transfer = transfer_set.load_transfer_text(cfg.distill.transfer_path, cfg.data.input_key or "text")
     return transfer_set.concatenate(labelled.train, transfer), transfer
 

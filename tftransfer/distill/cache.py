@@ -25,6 +25,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tftransfer.data.pipeline import preprocess
 from tftransfer.distill.distiller import STUDENT_INPUTS, TEACHER_OUTPUTS
 from tftransfer import workdir
 from tftransfer.errors import UserError
@@ -49,7 +50,9 @@ def teacher_outputs(distiller, split, preprocessor, modality, batch_size=64):
         `{"final_output": {head: logits}, <hint layer>: features}`.
     """
     ds = split.dataset.map(lambda x, y: x).batch(batch_size)
-    ds = ds.map(preprocessor, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    # A sentence pair arrives as two arguments (tf.data unpacks tuples).
+    ds = ds.map(lambda *x: preprocess(preprocessor, x[0] if len(x) == 1 else x),
+                num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
     from tftransfer.progress import keras_verbose
 
     # Progress: a bar on a terminal, one line when done in a log (the teacher
@@ -95,14 +98,14 @@ def cached_pipeline(split, outputs, preprocessor, modality, heads, global_batch_
 
     if modality == "image" or cache:
         # Preprocess (decode / tokenise) each example once, then cache.
-        ds = ds.map(lambda x, y, t: (preprocessor(x), y, t), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda x, y, t: (preprocess(preprocessor, x), y, t), num_parallel_calls=AUTOTUNE)
         if cache:
             ds = ds.cache()
         ds = shuffle(ds).batch(global_batch_size, drop_remainder=drop_remainder)
     else:
         # Text without a cache: tokenise whole batches, in parallel.
         ds = shuffle(ds).batch(global_batch_size, drop_remainder=drop_remainder)
-        ds = ds.map(lambda x, y, t: (preprocessor(x), y, t), num_parallel_calls=AUTOTUNE)
+        ds = ds.map(lambda x, y, t: (preprocess(preprocessor, x), y, t), num_parallel_calls=AUTOTUNE)
     ds = ds.map(lambda x, y, t: ({STUDENT_INPUTS: x, TEACHER_OUTPUTS: t}, to_targets(y)),
                 num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE)

@@ -89,16 +89,21 @@ def load_teacher(paths):
     return Teacher(model, members, list(paths), preprocessors, modality, size)
 
 
-def ensemble(models, name="teacher_ensemble"):
+def ensemble(models, name="teacher_ensemble", combine=None):
     """One model whose outputs are the members' logits averaged per head.
 
     Args:
         models: list of keras.Model with the same inputs and output heads.
             Members whose names clash are renamed `member_<i>_<name>`.
         name: str. Defaults to `"teacher_ensemble"`.
+        combine: callable `(head name, [member outputs]) -> output`.
+            Defaults to None: the mean of the logits (`keras.layers.Average`).
+            The served ensemble (`tftransfer.export.ensemble`) averages
+            probabilities instead.
 
     Returns:
-        keras.Model: input -> `{head: mean of the members' logits}`.
+        keras.Model: input -> `{head: mean of the members' logits}` (or
+        what `combine` makes of them).
 
     Example:
     ```python
@@ -120,9 +125,9 @@ def ensemble(models, name="teacher_ensemble"):
     heads = sorted(outputs[0]) if isinstance(outputs[0], dict) else None
     if heads is None:
         return keras.Model(inputs, keras.layers.Average(name="mean_logits")(outputs), name=name)
-    averaged = {
-        h: keras.layers.Average(name=h)([o[h] for o in outputs]) for h in heads
-    }
+    if combine is None:
+        combine = lambda h, members: keras.layers.Average(name=h)(members)  # noqa: E731
+    averaged = {h: combine(h, [o[h] for o in outputs]) for h in heads}
     return keras.Model(inputs, averaged, name=name)
 
 

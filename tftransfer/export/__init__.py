@@ -10,6 +10,8 @@
 - `export_tflite(...)`: `<export_base>/<N>/model.tflite` (preprocessed input).
 - `save_serving_assets(W, loaded, heads)` / `load_serving_assets(W)`: the
   preprocessor and heads that `model.keras` lacks.
+- `export_ensemble([W1, W2], E)`: one SavedModel serving the mean of the
+  members' probabilities (`tftransfer.export.ensemble`).
 
 See README.md, "Serving".
 """
@@ -29,6 +31,7 @@ _EXPORTS = {
     "next_version": "tftransfer.export.saved_model",
     "token_ids_base": "tftransfer.export.saved_model",
     "export_tflite": "tftransfer.export.tflite",
+    "export_ensemble": "tftransfer.export.ensemble",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

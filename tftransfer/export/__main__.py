@@ -6,6 +6,8 @@
     python -m tftransfer.export --workdir=W --format=tflite --quantize=float16
         -> W/tflite/<N>/model.tflite
     python -m tftransfer.export --workdir=W --format=tflite --quantize=int8 --representative_examples=300
+    python -m tftransfer.export --workdir=E --ensemble=W1,W2,W3
+        -> E/export/<N>/: one SavedModel serving the mean of the members' probabilities
 
 Quantised exports (float16, dynamic_range, int8; SavedModel int8 for text
 models) reload the run's data from `W/config.yaml`: int8 calibrates on
@@ -17,7 +19,9 @@ nothing) when the drop exceeds `--max_accuracy_drop`.
 Reads `W/model.keras` (safe mode), `W/preprocessor/` and `W/heads.json`
 (written by `tftransfer.train`) and `W/config.yaml`. Text SavedModels also
 get a core-ops twin, `<export_base>_token_ids/<N>/`, that loads without TF
-Text. See README.md, "Serving". Exit code 2: user error (one line on stderr).
+Text. `--ensemble`: `--workdir` is the ensemble dir to write (see
+`tftransfer.export.ensemble`; members must share preprocessing and heads).
+See README.md, "Serving" and "Ensembles". Exit code 2: user error (one line on stderr).
 """
 
 from absl import flags
@@ -25,7 +29,10 @@ from absl import flags
 from tftransfer import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Trained work dir (model.keras, preprocessor/, heads.json).")
+flags.DEFINE_string("workdir", None, "Trained work dir (model.keras, preprocessor/, heads.json); with "
+                    "--ensemble, the ensemble dir to write.")
+flags.DEFINE_list("ensemble", None, "Finished work dirs W1,W2,... to serve as one model (mean of their "
+                  "probabilities) under --workdir; they must share preprocessing and heads.")
 flags.DEFINE_integer(
     "version", None, "Version to write (a positive integer). Default: 1 + the largest existing version."
 )
@@ -62,6 +69,8 @@ def main(argv):
     from tftransfer.export import quantize as quantize_lib
     from tftransfer.export.assets import export_workdir
 
+    if FLAGS.ensemble is not None:
+        return _export_ensemble()
     max_drop = quantize_lib.check_max_accuracy_drop(FLAGS.max_accuracy_drop)
     representative = validation = None
     if FLAGS.quantize != "none":
@@ -82,6 +91,18 @@ def main(argv):
         )
     else:
         print(f"exported {result['path']}")
+
+
+def _export_ensemble():
+    from tftransfer.errors import UserError
+    from tftransfer.export.ensemble import export_ensemble
+
+    if FLAGS.format != "saved_model" or FLAGS.quantize != "none":
+        raise UserError(f"--ensemble writes a float SavedModel; drop --format={FLAGS.format} / "
+                        f"--quantize={FLAGS.quantize}.")
+    result = export_ensemble(FLAGS.ensemble, FLAGS.workdir, export_base=FLAGS.export_base,
+                             version=FLAGS.version, overwrite=FLAGS.overwrite)
+    print(f"exported {result['path']} (ensemble of {len(result['members'])})")
 
 
 def run():

@@ -10,7 +10,8 @@ names. Training saves those beside it with `save_serving_assets`:
                        `assets/tokenizer/<vocabulary>` (text models)
     W/heads.json       {"format_version": 1, "modality": "image" | "text",
                         "backbone": {... LoadedBackbone.description ...},
-                        "heads": [{HeadSpec fields, class_names: [...]}]}
+                        "heads": [{HeadSpec fields, class_names: [...]}],
+                        "pair": true for sentence-pair text models}
 
 `load_serving_assets(W)` reads them back (with keras-hub's public
 deserialisation: nothing needs the original backbone), and `export_workdir`
@@ -40,15 +41,18 @@ class ServingAssets:
     modality: str. `"image"` or `"text"`.
     heads: list of `HeadSpec`, with class names.
     backbone: dict. `LoadedBackbone.description` of the trained backbone.
+    pair: bool. Text inputs are sentence pairs (serving takes `text` and
+        `text_pair`).
     """
 
     preprocessor: object
     modality: str
     heads: list
     backbone: dict
+    pair: bool = False
 
 
-def save_serving_assets(workdir, loaded, heads):
+def save_serving_assets(workdir, loaded, heads, pair=False):
     """Save `W/preprocessor/` and `W/heads.json` (each replaced atomically).
 
     Args:
@@ -56,6 +60,7 @@ def save_serving_assets(workdir, loaded, heads):
         loaded: `tftransfer.LoadedBackbone`. Its `preprocessor`, `modality`
             and `description` are saved.
         heads: list of `HeadSpec`.
+        pair: bool. A sentence-pair text model. Defaults to False.
 
     Example:
     ```python
@@ -80,6 +85,7 @@ def save_serving_assets(workdir, loaded, heads):
         "modality": loaded.modality,
         "backbone": loaded.description,
         "heads": [head_to_dict(h) for h in heads],
+        **({"pair": True} if pair else {}),
     })
 
 
@@ -132,7 +138,7 @@ def load_serving_assets(workdir):
             preprocessor.load_preset_assets(preset)
     except Exception as e:
         raise UserError(f"preprocessor in {preset!r} could not be loaded ({e}); re-run training.")
-    return ServingAssets(preprocessor, modality, heads, info.get("backbone", {}))
+    return ServingAssets(preprocessor, modality, heads, info.get("backbone", {}), bool(info.get("pair")))
 
 
 def load_trained_model(workdir):
@@ -140,6 +146,17 @@ def load_trained_model(workdir):
     from tftransfer.workdir import load_model
 
     return load_model(_check_model_file(workdir), "--workdir model")
+
+
+def load_workdir_model(workdir):
+    """The served network of a trained work dir: `W/model.keras`, or for a LoRA
+    run its base (hash-checked) with the adapters merged into plain kernels."""
+    from tftransfer import lora
+    from tftransfer.workdir import LORA
+
+    if lora.is_artefact(os.path.join(workdir, LORA)):
+        return lora.merge(lora.load_adapter_model(os.path.join(workdir, LORA))[0])
+    return load_trained_model(workdir)
 
 
 def _check_model_file(workdir):
@@ -202,6 +219,11 @@ def export_workdir(workdir, export_base=None, version=None, overwrite=False,
         )
     if not os.path.isdir(workdir):
         raise UserError(f"--workdir {workdir!r} is not a directory; pass a trained work dir.")
+    from tftransfer.export import ensemble
+
+    if ensemble.is_ensemble_dir(workdir) and not os.path.isfile(os.path.join(workdir, workdir_lib.MODEL)):
+        raise UserError(f"--workdir {workdir!r} is an ensemble dir; export it again with "
+                        f"--ensemble=<the member work dirs> (listed in its ensemble.json).")
     _check_model_file(workdir)
     assets = load_serving_assets(workdir)
     if export_base is None:
@@ -235,13 +257,7 @@ def _export(workdir, assets, bases, export_base, version, overwrite, format, qua
             )
     if format == "saved_model" and quantize == "int8":
         quantize_lib.check_keras_int8(assets.modality)  # before the slow model load
-    from tftransfer import lora
-    from tftransfer.workdir import LORA
-
-    if lora.is_artefact(os.path.join(workdir, LORA)):  # base (hash-checked) + adapters, merged
-        model = lora.merge(lora.load_adapter_model(os.path.join(workdir, LORA))[0])
-    else:
-        model = load_trained_model(workdir)
+    model = load_workdir_model(workdir)
     metadata = {"backbone": assets.backbone, "config": _training_config(workdir)}
     # Served images are composited over the training data's background.
     background = ((metadata["config"] or {}).get("data") or {}).get("image_background")
@@ -261,6 +277,7 @@ def _export(workdir, assets, bases, export_base, version, overwrite, format, qua
         path = saved_model.export_saved_model(
             model, assets.preprocessor, assets.modality, assets.heads, export_base,
             version=version, overwrite=overwrite, metadata=metadata, image_background=background,
+            pair=assets.pair,
         )
         return {"path": path, "accuracy": record}
     return tflite.export_tflite(

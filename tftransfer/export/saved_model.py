@@ -7,7 +7,8 @@ two signatures:
   normalisation (images) or tokenisation (text) inside the graph.
   Images: `image_bytes`, a batch of encoded JPEG/PNG/GIF/BMP/WebP strings (the
   `_bytes` suffix makes TF Serving's REST API accept `{"b64": "..."}`).
-  Text: `text`, a batch of UTF-8 strings.
+  Text: `text`, a batch of UTF-8 strings; sentence-pair models take `text`
+  and `text_pair` (the second segment, same batch size).
 - `serve_preprocessed`: already-preprocessed tensors. Images: `image`,
   float32 `(batch, height, width, 3)` after the backbone's normalisation.
   Text: `token_ids`, `segment_ids`, `padding_mask`, int32 `(batch, length)`.
@@ -53,6 +54,8 @@ VOCABULARY_FILE = "vocabulary.txt"
 TOKEN_IDS_SUFFIX = "_token_ids"
 RAW_SIGNATURE = "serving_default"
 PREPROCESSED_SIGNATURE = "serve_preprocessed"
+# The raw-input names of a sentence-pair model's serving_default.
+PAIR_INPUTS = ("text", "text_pair")
 TOP_K = 5
 MAX_VERSION = 2**63 - 1
 FORMAT_VERSION = 1
@@ -206,7 +209,7 @@ def decode_image_bytes(image_bytes, preprocessor, background=images.WHITE):
     )
 
 
-def build_archive(model, preprocessor, modality, heads, raw=True, image_background=None):
+def build_archive(model, preprocessor, modality, heads, raw=True, image_background=None, pair=False):
     """A `keras.export.ExportArchive` with the serving signatures.
 
     Args:
@@ -221,6 +224,9 @@ def build_archive(model, preprocessor, modality, heads, raw=True, image_backgrou
         image_background: 3 floats (RGB 0-255) that transparent pixels of
             served images are composited over: the training data's
             `data.image_background`. Defaults to None (white).
+        pair: bool. Text: `serving_default` takes two string batches,
+            `text` and `text_pair`, packed as one sentence pair each
+            (`[CLS] text [SEP] text_pair [SEP]`). Defaults to False.
 
     Returns:
         keras.export.ExportArchive.
@@ -256,7 +262,19 @@ def build_archive(model, preprocessor, modality, heads, raw=True, image_backgrou
         )
         return archive
 
-    if raw:
+    if raw and pair:
+        if not preprocessor.built:
+            preprocessor(x=(tf.constant(["a"]), tf.constant(["b"])))
+        archive.track(preprocessor)
+
+        def serve_pair(text, text_pair):
+            return predict(preprocessor(x=(text, text_pair)))
+
+        archive.add_endpoint(
+            RAW_SIGNATURE, serve_pair,
+            input_signature=[tf.TensorSpec([None], tf.string, name=name) for name in PAIR_INPUTS],
+        )
+    elif raw:
         _build(preprocessor, tf.constant(["a"]))
         archive.track(preprocessor)
 
@@ -294,7 +312,7 @@ def _build(layer, example):
 
 
 def export_saved_model(model, preprocessor, modality, heads, export_base,
-                       version=None, overwrite=False, metadata=None, image_background=None):
+                       version=None, overwrite=False, metadata=None, image_background=None, pair=False):
     """Write a TF Serving SavedModel version atomically.
 
     Args:
@@ -313,6 +331,8 @@ def export_saved_model(model, preprocessor, modality, heads, export_base,
         metadata: dict. Extra JSON-able fields for `assets/tftransfer.json`
             (e.g. `backbone`, `config`). Defaults to None.
         image_background: see `build_archive`. Defaults to None (white).
+        pair: bool. A sentence-pair text model (see `build_archive`).
+            Defaults to False.
 
     Returns:
         str. The version directory, `<export_base>/<version>`.
@@ -337,7 +357,8 @@ def export_saved_model(model, preprocessor, modality, heads, export_base,
     if modality == "text":
         bases.append(token_ids_base(export_base))
     def write(directory, raw):
-        _write_saved_model(directory, model, preprocessor, modality, heads, raw, metadata, image_background)
+        _write_saved_model(directory, model, preprocessor, modality, heads, raw, metadata, image_background,
+                           pair)
 
     writers = {export_base: lambda d: write(d, True)}
     if modality == "text":
@@ -351,14 +372,16 @@ def token_ids_base(export_base):
     return os.path.normpath(export_base) + TOKEN_IDS_SUFFIX
 
 
-def _write_saved_model(directory, model, preprocessor, modality, heads, raw, metadata, image_background=None):
-    archive = build_archive(model, preprocessor, modality, heads, raw=raw, image_background=image_background)
+def _write_saved_model(directory, model, preprocessor, modality, heads, raw, metadata, image_background=None,
+                       pair=False):
+    archive = build_archive(model, preprocessor, modality, heads, raw=raw, image_background=image_background,
+                            pair=pair)
     archive.write_out(directory, verbose=False)
     assets = os.path.join(directory, "assets")
     write_labels(assets, heads)
     if modality == "text":
         write_vocabulary(assets, preprocessor)
-    info = describe_export(model, preprocessor, modality, heads, raw, metadata)
+    info = describe_export(model, preprocessor, modality, heads, raw, metadata, pair)
     info["custom_ops"] = custom_ops(directory)
     with open(os.path.join(assets, METADATA_FILE), "w") as f:
         json.dump(info, f, indent=2, default=str)
@@ -388,7 +411,7 @@ def write_vocabulary(directory, preprocessor):
         f.write("\n".join(vocabulary) + "\n")
 
 
-def describe_export(model, preprocessor, modality, heads, raw=True, metadata=None):
+def describe_export(model, preprocessor, modality, heads, raw=True, metadata=None, pair=False):
     """The JSON record stored as `assets/tftransfer.json`."""
     from tftransfer import __version__
 
@@ -403,7 +426,8 @@ def describe_export(model, preprocessor, modality, heads, raw=True, metadata=Non
         ids = {"token_ids": [None, length], "segment_ids": [None, length],
                "padding_mask": [None, length], "dtype": "int32"}
         inputs = {PREPROCESSED_SIGNATURE: ids}
-        inputs[RAW_SIGNATURE] = {"text": [None], "dtype": "string"} if raw else ids
+        text = {name: [None] for name in (PAIR_INPUTS if pair else ("text",))}
+        inputs[RAW_SIGNATURE] = {**text, "dtype": "string"} if raw else ids
     info = {
         "format_version": FORMAT_VERSION,
         "tftransfer_version": __version__,

@@ -46,7 +46,7 @@ def collect(predict, dataset, heads, num_batches=None, verbose="auto"):
     labels = {h.name: [] for h in heads}
     outputs = {h.name: [] for h in heads}
     for step, (x, y) in enumerate(dataset):
-        first = x if not isinstance(x, dict) else next(iter(x.values()))
+        first = next(iter(x.values())) if isinstance(x, dict) else x[0] if isinstance(x, tuple) else x
         if int(first.shape[0]) == 0:
             continue  # Never run the network on an empty batch.
         predicted = predict(x)
@@ -87,11 +87,18 @@ def saved_model_predictor(signature, heads, input_name="image"):
         signature: a concrete function from `loaded.signatures`.
         heads: list of `HeadSpec`.
         input_name: str. The signature's input when a batch is one tensor
-            (`image`, `text`); dict batches (token ids) pass by name.
+            (`image`, `text`), or a tuple of names for a tuple batch
+            (sentence pairs: `("text", "text_pair")`); dict batches (token
+            ids) pass by name.
     """
 
     def predict(x):
-        inputs = x if isinstance(x, dict) else {input_name: x}
+        if isinstance(x, dict):
+            inputs = x
+        elif isinstance(x, tuple):
+            inputs = dict(zip(input_name, x))
+        else:
+            inputs = {input_name: x}
         out = signature(**inputs)
         single = len(heads) == 1
         result = {}
@@ -119,7 +126,8 @@ def describe_examples(split, modality, limit=None):
     if modality == "text":
         out = []
         for x, _ in split.dataset.take(limit) if limit else split.dataset:
-            text = x.numpy().decode("utf-8", "replace")
+            parts = x if isinstance(x, tuple) else (x,)  # a sentence pair: "first [SEP] second"
+            text = " [SEP] ".join(p.numpy().decode("utf-8", "replace") for p in parts)
             out.append(text if len(text) <= 120 else text[:117] + "...")
         return out
     return [f"image {i}" for i in range(split.num_examples)]
