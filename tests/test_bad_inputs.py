@@ -160,6 +160,43 @@ def _train_cases(t):
                   extra="heads: [{type: regression}]\n")
     text_csv_case("kshot_class_too_small", "text,label\ngood,a\nbad,a\nmeh,b\n",
                   ["data.train_per_class=2: class 'b' has only 1 training example"], data_extra=", train_per_class: 2")
+    two_classes = csv("cw_two_classes", "text,label\ngood,a\nbad,b\n")
+    add("class_weight_unknown_label", _text_backbone() + f"data: {{source: csv, train_path: {two_classes}}}\n"
+        "train: {class_weight: {zzz: 2.0}}\n", ["train.class_weight.zzz: label 'zzz' is not one of head 'label'"])
+    numbers = csv("cw_regression", "text,label\ngood,1.0\nbad,2.0\n")
+    add("class_weight_on_regression", _text_backbone("heads: [{type: regression}]\n")
+        + f"data: {{source: csv, train_path: {numbers}}}\ntrain: {{class_weight: balanced}}\n",
+        ["train.class_weight: head 'label' is regression"])
+    multi = csv("multi", "text,sentiment,topic\ngood,pos,film\nbad,,food\nmeh,neg,\n")
+    two_heads = "heads: [{name: sentiment}, {name: topic}]\n"
+    add("multitask_on_digits", TINY_DIGITS_YAML + two_heads, ["need a label per head", "data.source digits"])
+    add("multitask_kshot", _text_backbone(two_heads) + f"data: {{source: csv, train_path: {multi}, "
+        f"train_per_class: 1}}\n", ["data.train_per_class with several heads"])
+    add("multitask_missing_column", _text_backbone("heads: [{name: sentiment}, {name: stars, type: regression}]\n")
+        + f"data: {{source: csv, train_path: {multi}}}\n", ["no column 'stars'"])
+    add("multitask_same_label_key", _text_backbone("heads: [{name: a, label_key: topic}, {name: b, label_key: topic}]\n")
+        + f"data: {{source: csv, train_path: {multi}}}\n", ["label keys ['topic', 'topic'] repeat"])
+    add("multitask_data_label_key", _text_backbone(two_heads) + f"data: {{source: csv, train_path: {multi}, "
+        f"label_key: sentiment}}\n", ["data.label_key='sentiment' applies to one head", "heads.N.label_key"])
+    one_class = csv("multi_one_class", "text,sentiment,topic\ngood,pos,film\nbad,,film\nmeh,neg,\n")
+    add("multitask_head_single_class", _text_backbone(two_heads) + f"data: {{source: csv, train_path: {one_class}}}\n",
+        ["every label in 'topic' is 'film'", "at least two classes"])
+    multi_val = csv("multi_val", "text,sentiment,topic\ngood,pos,book\n")
+    add("multitask_validation_unseen", _text_backbone(two_heads) + f"data: {{source: csv, train_path: {multi}, "
+        f"validation_path: {multi_val}}}\n", ["label(s) ['book'] in 'topic' never occur"])
+    no_topic = t / "no_topic.jsonl"
+    no_topic.write_text('{"text": "good", "sentiment": "pos"}\n{"text": "bad", "sentiment": "neg"}\n')
+    add("multitask_key_never_labelled", _text_backbone(two_heads) + f"data: {{source: jsonl, train_path: {no_topic}}}\n",
+        ["no example has a label in 'topic' (head 'topic')"])
+    mixed_multi = t / "mixed_multi.jsonl"
+    mixed_multi.write_text('{"text": "good", "sentiment": 1, "topic": "a"}\n{"text": "bad", "sentiment": "0", '
+                           '"topic": "b"}\n')
+    add("multitask_mixed_label_types", _text_backbone(two_heads) + f"data: {{source: jsonl, train_path: {mixed_multi}}}\n",
+        ["labels in 'sentiment' mix types"])
+    add("class_weight_unknown_head", _text_backbone(two_heads) + f"data: {{source: csv, train_path: {multi}}}\n"
+        "train: {class_weight: {nope: balanced}}\n", ["train.class_weight.nope: no head named 'nope'"])
+    add("class_weight_non_positive", TINY_DIGITS_YAML, ["train.class_weight.1 must be a finite number > 0"],
+        ["--config.train.class_weight={0: 2.0, 1: 0}"])
     jsonl = t / "mixed.jsonl"
     jsonl.write_text('{"text": "good", "label": 1}\n{"text": "bad", "label": "1"}\n{"text": "meh", "label": 0}\n')
     add("jsonl_mixed_label_types", _text_backbone() + f"data: {{source: jsonl, train_path: {jsonl}}}\n",
@@ -170,7 +207,7 @@ def _train_cases(t):
         ["line 2: not valid JSON"])
     train, val = csv("vtrain", "text,label\ngood,a\nbad,b\n"), csv("vval", "text,label\ngood,a\nmeh,c\n")
     add("validation_only_class", _text_backbone() + f"data: {{source: csv, train_path: {train}, "
-        f"validation_path: {val}}}\n", ["label(s) ['c'] never occur in data.train_path"])
+        f"validation_path: {val}}}\n", ["label(s) ['c'] in 'label' never occur in data.train_path"])
     images = t / "images"
     for name in ("a", "b"):
         (images / name).mkdir(parents=True)

@@ -1,5 +1,6 @@
 import keras
 import numpy as np
+import pytest
 
 from tftransfer import backbones, builders
 from tftransfer.heads import HeadSpec
@@ -72,3 +73,37 @@ def test_unused_bert_pooler_is_frozen_so_fit_warns_nothing(tiny_bert):
     loaded_cls = tftransfer.load_backbone(spec=tiny_bert, sequence_length=8)
     tftransfer.build_model(loaded_cls, [HeadSpec(num_classes=2)])
     assert loaded_cls.model.get_layer("pooled_dense").trainable
+
+
+def test_multi_task_text_model_missing_label_contributes_no_loss(tmp_path):
+    """One output per head with its shape; an example without a sentiment label leaves that
+    head's loss exactly as it is without the example, while the other heads see it."""
+    import tensorflow as tf
+
+    from conftest import tiny_bert_spec
+
+    from tftransfer import data
+
+    path = tmp_path / "all.csv"
+    path.write_text("text,sentiment,topic,stars\nthe movie was good,pos,film,5\nthe food was bad,neg,food,1\n"
+                    "a great movie,,film,4\nthe food was awful,neg,,2\na bad film,neg,film,\n")
+    tasks = [("sentiment", "sentiment", "classification"), ("topic", "topic", "classification"),
+             ("stars", "stars", "regression")]
+    loaded = backbones.load_backbone(spec=tiny_bert_spec(), sequence_length=8)
+    heads = [HeadSpec(name="sentiment", num_classes=2, class_weight=(2.0, 0.5)),
+             HeadSpec(name="topic", num_classes=2), HeadSpec(name="stars", type="regression", num_classes=1)]
+    model = builders.build_model(loaded, heads)
+    builders.compile_for_heads(model, heads, "adam")
+    model.run_eagerly = True  # two tiny batches: tracing would cost more than running
+    split = data.load_text_tasks("csv", str(path), tasks=tasks).train
+    x, y, w = next(iter(data.make_pipeline(split, loaded.preprocessor, "text", heads, 8)))
+    np.testing.assert_array_equal(w["sentiment"], [1, 1, 0, 1, 1])
+    assert {k: tuple(v.shape) for k, v in model(x).items()} == {"sentiment": (5, 2), "topic": (5, 2),
+                                                                "stars": (5, 1)}
+    keep = [0, 1, 3, 4]  # the same batch without the example that has no sentiment label
+    less = tf.nest.map_structure(lambda t: tf.gather(t, keep), (x, y, w))
+    results = {name: model.evaluate(tf.data.Dataset.from_tensors(batch), return_dict=True, verbose=0)
+               for name, batch in (("with", (x, y, w)), ("without", less))}
+    assert results["with"]["sentiment_loss"] == pytest.approx(results["without"]["sentiment_loss"], rel=1e-6)
+    assert results["with"]["sentiment_accuracy"] == results["without"]["sentiment_accuracy"]
+    assert results["with"]["stars_loss"] != results["without"]["stars_loss"]  # the row has stars: it counts

@@ -229,7 +229,7 @@ def test_degenerate_labels_are_refused(tmp_path, fmt, content, message):
 def test_validation_label_never_seen_in_training_and_non_utf8_and_non_finite_targets(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\na,pos\nb,neg\n")
     (tmp_path / "val.csv").write_text("text,label\nc,pos\nd,maybe\n")
-    with pytest.raises(UserError, match=r"label\(s\) \['maybe'\] never occur in data.train_path"):
+    with pytest.raises(UserError, match=r"label\(s\) \['maybe'\] in 'label' never occur in data.train_path"):
         data.load_text_file("csv", str(tmp_path / "train.csv"), str(tmp_path / "val.csv"))
     (tmp_path / "latin1.csv").write_bytes("text,label\ngood,pos\ncaf\xe9,neg\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"latin1.csv' line 3: not UTF-8 text \(byte 0xe9\); re-save"):
@@ -344,3 +344,56 @@ def test_tfds_sentence_pairs_with_mock_data():
         assert d.pair and d.modality == "text" and first.dtype == second.dtype == tf.string
         with pytest.raises(UserError, match="not a text feature"):
             data.load_tfds("glue/mrpc", input_key=["sentence1", "idx"], download=False)
+MULTITASK_TASKS = [("sentiment", "sentiment", "classification"), ("tags", "tags", "multilabel"),
+                   ("stars", "stars", "regression")]
+
+
+def test_multitask_csv_and_jsonl_missing_labels_get_sample_weight_zero(tmp_path):
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text("text,sentiment,tags,stars\ngood,pos,x|y,5\nbad,,y,1\nmeh,neg,,\nfine,pos,x,4\n")
+    jl = tmp_path / "t.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in [
+        {"text": "good", "sentiment": "pos", "tags": ["x", "y"], "stars": 5},
+        {"text": "bad", "sentiment": None, "tags": ["y"], "stars": 1},  # null: no label
+        {"text": "meh", "sentiment": "neg"},  # absent keys: no label
+        {"text": "fine", "sentiment": "pos", "tags": ["x"], "stars": 4}]))
+    heads = [HeadSpec(name="sentiment", num_classes=2), HeadSpec(name="tags", type="multilabel", num_classes=2),
+             HeadSpec(name="stars", type="regression", num_classes=1)]
+    for fmt, path in (("csv", csv_path), ("jsonl", jl)):
+        d = data.load_text_tasks(fmt, str(path), tasks=MULTITASK_TASKS)
+        assert d.tasks["sentiment"].class_names == ["neg", "pos"] and d.tasks["tags"].class_names == ["x", "y"]
+        assert [d.tasks[n].num_labelled for n in ("sentiment", "tags", "stars")] == [3, 3, 3]
+        x, y, w = next(iter(data.make_pipeline(d.train, lambda t: t, "text", heads, 4)))
+        assert list(x.numpy()) == [b"good", b"bad", b"meh", b"fine"]
+        np.testing.assert_array_equal(w["sentiment"], [1, 0, 1, 1])
+        np.testing.assert_array_equal(w["tags"], [1, 1, 0, 1])
+        np.testing.assert_array_equal(w["stars"], [1, 1, 0, 1])
+        np.testing.assert_array_equal(y["sentiment"], [1, 0, 0, 1])  # placeholders are valid class ids
+        np.testing.assert_array_equal(y["tags"], [[1, 1], [0, 1], [0, 0], [1, 0]])
+        np.testing.assert_array_equal(y["stars"], [5, 1, 0, 4])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("text,sentiment,tags,stars\na,pos,x,1\nb,pos,y,2\n", "every label in 'sentiment' is 'pos'"),
+    ("text,sentiment,tags,stars\na,pos,x,\nb,neg,y,\n", "no example has a label in 'stars' (head 'stars')"),
+    ("text,sentiment,tags\na,pos,x\nb,neg,y\n", "no column 'stars'"),
+])
+def test_multitask_degenerate_labels_are_refused_per_head(tmp_path, content, message):
+    path = tmp_path / "t.csv"
+    path.write_text(content)
+    with pytest.raises(UserError) as e:
+        data.load_text_tasks("csv", str(path), tasks=MULTITASK_TASKS)
+    assert message in str(e.value)
+
+
+def test_tfds_multitask_one_feature_per_head_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    tasks = [("category", "label_category", "classification"), ("elevation", "label_elevation", "regression")]
+    with tfds.testing.mock_data(num_examples=12):
+        d = data.load_tfds("smallnorb", "train", "test", download=False, tasks=tasks)
+        assert d.tasks["category"].class_names[:2] == ["four-legged animals", "human figures"]
+        assert d.tasks["elevation"].class_names is None and d.tasks["category"].num_labelled == 12
+        _, y = next(iter(d.train.dataset))
+        assert y["category"].dtype == tf.int32 and y["elevation"].dtype == tf.float32
+        with pytest.raises(UserError, match="head 'tags' \\(multilabel\\): TFDS feature 'label_lighting'"):
+            data.load_tfds("smallnorb", "train", download=False, tasks=[("tags", "label_lighting", "multilabel")])

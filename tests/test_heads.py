@@ -54,3 +54,48 @@ def test_text_masked_mean_ignores_padding_tokens():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     cls = builders.build_model(loaded, [HeadSpec(pooling="cls", num_classes=2)])
     assert cls(x)["label"].shape == (1, 2)
+
+
+def _ce(logits, labels):
+    logits = np.asarray(logits, "float64")
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return -log_p[np.arange(len(labels)), labels]
+
+
+def test_class_weight_scales_each_example_by_its_class_weight():
+    logits = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [-1.0, 1.0, 3.0], [0.0, 2.0, 0.0]], "float32")
+    labels = np.array([0, 2, 2, 1])
+    weights = [0.5, 3.0, 1.5]
+    ce = _ce(logits, labels)
+    plain = HeadSpec(num_classes=3).loss()
+    weighted = HeadSpec(num_classes=3, class_weight=weights).loss()
+    assert float(plain(labels, logits)) == pytest.approx(ce.mean(), rel=1e-5)
+    expected = (np.array(weights)[labels] * ce).sum() / len(labels)  # sum_i w_{y_i} CE_i / n
+    assert float(weighted(labels, logits)) == pytest.approx(expected, rel=1e-5)
+    # One-hot labels (label smoothing 0 vs a tiny smoothing): the class still comes from the label.
+    smooth = HeadSpec(num_classes=3, label_smoothing=1e-6, class_weight=weights).loss()
+    assert float(smooth(np.eye(3, dtype="float32")[labels], logits)) == pytest.approx(expected, rel=1e-4)
+    # Unlabelled examples (sample weight 0) are out of both sum and count.
+    mask = np.array([1.0, 0.0, 1.0, 1.0], "float32")
+    keep = mask > 0
+    expected_masked = (np.array(weights)[labels[keep]] * ce[keep]).sum() / keep.sum()
+    assert float(weighted(labels, logits, sample_weight=mask)) == pytest.approx(expected_masked, rel=1e-5)
+    with pytest.raises(UserError, match="class_weight needs a classification head"):
+        HeadSpec(type="regression", num_classes=1, class_weight=[1.0])
+
+
+def test_class_weight_in_the_compiled_model_loss_and_not_in_accuracy():
+    x = np.random.default_rng(0).normal(size=(6, 4)).astype("float32")
+    y = np.array([0, 0, 0, 0, 1, 1])
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, {"label": keras.layers.Dense(2, name="label")(inputs)})
+    logits = model.predict(x, verbose=0)["label"]
+    results = {}
+    for weights in (None, (0.75, 1.5)):  # balanced for counts 4, 2: 6 / (2 * 4), 6 / (2 * 2)
+        heads = [HeadSpec(num_classes=2, class_weight=weights)]
+        builders.compile_for_heads(model, heads, "sgd")
+        results[weights] = model.evaluate(x, {"label": y}, batch_size=6, return_dict=True, verbose=0)
+    ce = _ce(logits, y)
+    assert results[None]["loss"] == pytest.approx(ce.mean(), rel=1e-4)
+    assert results[(0.75, 1.5)]["loss"] == pytest.approx((np.array([0.75, 1.5])[y] * ce).mean(), rel=1e-4)
+    assert results[(0.75, 1.5)]["accuracy"] == results[None]["accuracy"]

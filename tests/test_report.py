@@ -159,3 +159,25 @@ def test_report_page_for_multilabel_and_regression_heads(tmp_path):
     assert "No per-epoch history" in text and out["figures"] == []
     assert document.summary(results) == ["tags: micro_f1=0.7500, macro_f1=0.7333, map=0.9167",
                                           "score: mse=1.3333, mae=0.6667, r2=-1.0000"]
+
+
+def test_collect_leaves_out_examples_without_a_label_for_a_head():
+    import tensorflow as tf
+
+    from tftransfer.report import predictions
+
+    heads = [HeadSpec(name="a", num_classes=2), HeadSpec(name="b", type="regression", num_classes=1)]
+    x = np.arange(5, dtype="float32")[:, None]
+    batch = (x, {"a": np.array([1, 0, 0, 1, 0]), "b": np.array([5.0, 0.0, 3.0, 0.0, 1.0], "float32")},
+             {"a": np.array([1, 1, 0, 1, 1], "float32"), "b": np.array([1, 0, 1, 0, 1], "float32")})
+    ds = tf.data.Dataset.from_tensor_slices(batch).batch(3)  # two batches: positions run across them
+
+    def predict(inputs):
+        v = np.asarray(inputs)
+        return {"a": np.concatenate([v, 1 - v], axis=1), "b": v * 10}
+
+    got, positions = predictions.collect(predict, ds, heads, verbose=0, with_positions=True)
+    np.testing.assert_array_equal(positions["a"], [0, 1, 3, 4])
+    np.testing.assert_array_equal(positions["b"], [0, 2, 4])
+    np.testing.assert_array_equal(got["a"][0], [1, 0, 1, 0])
+    np.testing.assert_array_equal(got["b"][1].ravel(), [0, 20, 40])

@@ -80,3 +80,31 @@ def test_sigkill_mid_epoch_resumes_at_the_step_and_matches_an_uninterrupted_run(
     # The last epoch ran whole after the resume: its training logs match too.
     assert got["train"]["loss"] == pytest.approx(want["train"]["loss"], abs=1e-6)
     assert not os.path.exists(os.path.join(W, "backup"))  # finished: nothing left to resume
+
+
+def test_step_backup_leaves_an_epochs_last_step_to_the_epoch_end(tmp_path):
+    """A step backup at an epoch's last step would mark the epoch done before
+    its validation and History record exist: a kill in between resumed past
+    an epoch that was never recorded. The epoch end backs that step up."""
+    import keras
+    import numpy as np
+
+    from tftransfer.run_loop import STATE, StepBackup
+
+    saved = []
+
+    class Spy(keras.callbacks.Callback):  # runs after the backup: reads what it committed
+        def on_train_batch_end(self, batch, logs=None):
+            saved.append(("batch", json.load(open(tmp_path / STATE))["step"]) if (tmp_path / STATE).exists()
+                         else ("batch", 0))
+
+        def on_epoch_end(self, epoch, logs=None):
+            saved.append(("epoch", json.load(open(tmp_path / STATE))["step"]))
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x, y = np.zeros((8, 2), "float32"), np.zeros((8, 1), "float32")
+    model.fit(x, y, batch_size=2, epochs=2, verbose=0,
+              callbacks=[StepBackup(str(tmp_path), str(tmp_path), steps_per_epoch=4, every_steps=2), Spy()])
+    assert saved == [("batch", 0), ("batch", 2), ("batch", 2), ("batch", 2), ("epoch", 4),
+                     ("batch", 4), ("batch", 6), ("batch", 6), ("batch", 6), ("epoch", 8)]

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import tftransfer
 from tftransfer import data as data_lib
+from tftransfer import experiment
 from tftransfer.export import quantize as quantize_lib
 from tftransfer.export import tflite as tflite_lib
 from tftransfer.heads import HeadSpec
@@ -157,7 +158,7 @@ def test_cli_int8_prints_and_records_accuracy_then_refuses_over_budget(digits_wo
 
     quantize_lib.compare = lossy
     try:
-        representative, validation = quantize_lib.quantisation_data(digits_workdir, "int8", 0.05, 50)
+        representative, validation = experiment.quantisation_data(digits_workdir, "int8", 0.05, 50)
         with pytest.raises(UserError, match=r"costs 10.00 points of validation accuracy.*nothing was exported"):
             export_workdir(digits_workdir, export_base=base + "_strict", format="tflite", quantize="int8",
                            representative_data=representative, validation_data=validation,

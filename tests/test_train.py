@@ -253,3 +253,70 @@ def test_export_refuses_non_finite_weights(tmp_path):
     with pytest.raises(UserError, match=r"export: weight .*label.* is not finite"):
         export_saved_model(model, loaded.preprocessor, "image", heads, str(tmp_path / "export"))
     assert not os.path.exists(tmp_path / "export")  # refused before anything is written
+
+
+def _multitask_csv(path, n, seed, drop):
+    """Reviews in the tiny vocabulary: sentiment (3 pos : 1 neg), topic, stars; `drop`: empty cells."""
+    rng = np.random.default_rng(seed)
+    stars = {"good": 4, "great": 5, "bad": 2, "awful": 1}
+    lines = ["text,sentiment,topic,stars"]
+    for i in range(n):
+        adjective = rng.choice(["good", "great", "bad", "awful"], p=[0.375, 0.375, 0.125, 0.125])
+        noun = rng.choice(["movie", "film"])
+        row = [f"the {noun} was {'very ' if i % 3 else ''}{adjective}",
+               "pos" if stars[adjective] > 3 else "neg", noun, str(stars[adjective])]
+        if drop and i % 4 == 1:
+            row[1] = ""  # no sentiment label: trains topic and stars only
+        if drop and i % 4 == 2:
+            row[2] = row[3] = ""
+        lines.append(",".join(row))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_multitask_with_missing_labels_and_class_weights_through_the_cli(tmp_path):
+    from conftest import tiny_bert_spec
+
+    _multitask_csv(tmp_path / "train.csv", 64, 0, drop=True)
+    _multitask_csv(tmp_path / "val.csv", 24, 1, drop=False)
+    W = str(tmp_path / "w")
+    config = _config(tmp_path, json.dumps({
+        "name": "multitask", "backbone": {"spec": tiny_bert_spec(), "sequence_length": 8},
+        "heads": [{"name": "sentiment", "pooling": "mean"}, {"name": "topic", "loss_weight": 0.5, "pooling": "mean"},
+                  {"name": "rating", "type": "regression", "label_key": "stars", "pooling": "mean"}],
+        "data": {"source": "csv", "train_path": str(tmp_path / "train.csv"),
+                 "validation_path": str(tmp_path / "val.csv"), "batch_size": 8},
+        "train": {"epochs": 3, "learning_rate": 0.01, "optimizer": "adam", "verbose": 0,
+                  "class_weight": {"sentiment": "balanced"}}}), name="mt.yaml")
+    result = run_cli("tftransfer.train", f"--config={config}", f"--workdir={W}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The weights used are logged: balanced over the 48 labelled sentiment rows.
+    labelled = [l.split(",")[1] for l in open(tmp_path / "train.csv").read().split("\n")[1:] if l]
+    labelled = [s for s in labelled if s]
+    n, neg = len(labelled), labelled.count("neg")
+    assert f"neg={n / (2 * neg):.4g}, pos={n / (2 * (n - neg)):.4g}" in result.stderr
+    metrics = json.load(open(os.path.join(W, "metrics.json")))
+    heads = metrics["heads"]
+    assert set(heads) == {"sentiment", "topic", "rating"}
+    for name, metric in (("sentiment", "accuracy"), ("topic", "accuracy"), ("rating", "mae")):
+        assert {"loss", metric} <= set(heads[name]["train"]) and {"loss", metric} <= set(heads[name]["validation"])
+        assert metrics["validation"][f"{name}_loss"] == heads[name]["validation"]["loss"]
+        losses = [e[f"{name}_loss"] for e in metrics["history"]]  # per-head losses every epoch
+        assert losses[-1] < losses[0], (name, losses)
+    assert heads["sentiment"]["class_weight"] == {"neg": pytest.approx(n / (2 * neg)),
+                                                  "pos": pytest.approx(n / (2 * (n - neg)))}
+    assert metrics["monitor"] == "val_loss"  # the summed (loss_weight x head loss) validation loss
+    v = metrics["validation"]
+    assert v["loss"] == pytest.approx(v["sentiment_loss"] + 0.5 * v["topic_loss"] + v["rating_loss"], rel=1e-4)
+    from tftransfer.report.history import read_history
+
+    logged = read_history(os.path.join(W, "logs"))  # TensorBoard: a curve per head and metric
+    assert {"sentiment_loss", "topic_accuracy", "rating_mae"} <= set(logged["train"])
+    assert {"sentiment_loss", "sentiment_macro_f1", "rating_loss"} <= set(logged["validation"])
+    # The export serves every head; evaluate scores each one through the SavedModel's signature.
+    report = run_cli("tftransfer.evaluate", f"--workdir={W}/export/1")
+    assert report.returncode == 0, report.stderr[-3000:]
+    for line in ("validation: sentiment: accuracy=", "validation: topic: accuracy=", "validation: rating: mse="):
+        assert line in report.stdout
+    scored = json.load(open(os.path.join(W, "report", "saved_model_1", "metrics_validation.json")))
+    assert {"sentiment_accuracy", "topic_macro_f1", "rating_mae"} <= set(scored["metrics"])
+    assert scored["heads"]["sentiment"]["num_examples"] == 24

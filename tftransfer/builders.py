@@ -85,12 +85,17 @@ def model_inputs(backbone):
 
 
 def compile_for_heads(model, heads, optimizer, jit_compile=False, steps_per_execution=1):
-    """Compile with each head's loss, loss weight and metrics."""
+    """Compile with each head's loss, loss weight and metrics.
+
+    The metrics are `weighted_metrics`: an example whose label for a head is
+    missing (sample weight 0, see `tftransfer.data.make_pipeline`) is not
+    counted; without sample weights they equal plain metrics (same names).
+    """
     model.compile(
         optimizer=optimizer,
         loss={h.name: h.loss() for h in heads},
         loss_weights={h.name: h.loss_weight for h in heads},
-        metrics={h.name: h.metrics() for h in heads},
+        weighted_metrics={h.name: h.metrics() for h in heads},
         jit_compile=jit_compile,
         steps_per_execution=steps_per_execution,
     )

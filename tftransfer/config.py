@@ -105,6 +105,9 @@ class HeadConfig:
     hidden_units: int = 0
     label_smoothing: float = 0.0
     loss_weight: float = 1.0
+    # CSV/JSONL column or TFDS feature of this head's label. Null: data.label_key
+    # with one head, the head's name with several (multi-task).
+    label_key: Optional[str] = None
 
     def validate(self, path):
         _one_of(f"{path}.type", self.type, HEAD_TYPES)
@@ -362,6 +365,10 @@ class TrainConfig:
     verbose: Union[int, str] = "auto"
     # LoRA adapters (null: off). The base stays frozen; no unfreeze schedule.
     lora: Optional[LoraConfig] = None
+    # Classification loss weights per class (tftransfer/class_weights.py): balanced
+    # (n / (classes x count), every classification head) or {label: weight} (one
+    # head; several heads: {head name: balanced or {label: weight}}). Null: off.
+    class_weight: Optional[Union[str, dict]] = None
 
     def validate(self, path):
         from tftransfer.epoch_selection import KEEP_CHOICES
@@ -397,6 +404,10 @@ class TrainConfig:
                             f"Received: {self.backup_every_steps}.")
         if self.verbose not in VERBOSE_VALUES or isinstance(self.verbose, bool):
             raise UserError(f"{path}.verbose must be one of auto, 0, 1, 2. Received: {self.verbose!r}.")
+        if self.class_weight is not None:
+            from tftransfer.class_weights import check_setting
+
+            check_setting(self.class_weight, f"{path}.class_weight")
 
 
 from tftransfer.distribute import PRECISIONS, STRATEGIES  # noqa: E402  (owned there)

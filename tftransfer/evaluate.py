@@ -70,7 +70,7 @@ def main(argv):
 
     # 2. Data, checked (nothing written before this passes).
     labelled = experiment.load_data(cfg)
-    experiment.resolve_heads(cfg, labelled)  # the data still match the heads
+    experiment.resolve_heads(cfg, labelled, class_weights=False)  # the data still match the heads
     heads = model["heads"]
     split = labelled.train if FLAGS.split == "train" else labelled.validation
     if split is None:
@@ -82,12 +82,18 @@ def main(argv):
     # 3. Predict every example (the network never sees an empty batch).
     batch = experiment.eval_batch_size(cfg, 1)
     ds = make_pipeline(split, model["preprocessor"], model["modality"], heads, batch, cache=False)
-    collected = predictions.collect(model["predict"], ds, heads, num_batches=-(-split.num_examples // batch),
-                                    verbose=cfg.train.verbose)
+    try:
+        collected, positions = predictions.collect(
+            model["predict"], ds, heads, num_batches=-(-split.num_examples // batch),
+            verbose=cfg.train.verbose, with_positions=True)
+    except ValueError as e:  # multi-task: a head without one labelled example in this split
+        raise UserError(f"--split={FLAGS.split}: {e}")
     descriptions = predictions.describe_examples(split, model["modality"])
 
-    # 4. Metrics, figures, report.
-    results = {h.name: document.head_metrics(h, *collected[h.name], descriptions=descriptions) for h in heads}
+    # 4. Metrics (multi-task: each head over the examples labelled for it), figures, report.
+    results = {h.name: document.head_metrics(h, *collected[h.name],
+                                             descriptions=[descriptions[i] for i in positions[h.name]])
+               for h in heads}
     history = read_history(os.path.join(model["run_dir"], workdir.LOGS)) if model["run_dir"] else None
     written = document.write_report(report_dir, results, cfg.name, target, FLAGS.split, history)
     workdir.write_json(os.path.join(report_dir, f"metrics_{FLAGS.split}.json"), {

@@ -12,9 +12,18 @@ from tftransfer.errors import UserError
 from tftransfer.heads import HeadSpec
 
 
+def label_key(cfg, index):
+    """The column / key / feature of head `index`'s label: `heads.N.label_key`, else
+    `data.label_key` for one head and the head's name for several (multi-task)."""
+    head = cfg.heads[index]
+    return head.label_key or (cfg.data.label_key if len(cfg.heads) == 1 else head.name)
+
+
 def load_data(cfg):
     """The config's labelled data, fully checked (raises UserError)."""
     d = cfg.data
+    if len(cfg.heads) > 1:
+        return _load_multitask(cfg)
     label_type = cfg.heads[0].type
     if d.source != "digits" and label_type != "classification" and d.source not in ("csv", "jsonl"):
         raise UserError(f"heads.0.type {label_type}: source {d.source} provides class labels only; use csv or jsonl.")
@@ -28,12 +37,12 @@ def load_data(cfg):
     elif d.source in ("csv", "jsonl"):
         loaded = data_lib.load_text_file(
             d.source, d.train_path, d.validation_path, d.validation_fraction,
-            text_key=d.input_key or "text", label_key=d.label_key, label_type=label_type,
+            text_key=d.input_key or "text", label_key=label_key(cfg, 0), label_type=label_type,
             seed=cfg.train.seed,
         )
     else:
         loaded = data_lib.load_tfds(
-            d.name, d.train_split, d.validation_split, d.data_dir, d.input_key, d.label_key
+            d.name, d.train_split, d.validation_split, d.data_dir, d.input_key, label_key(cfg, 0)
         )
     if loaded.train.num_examples == 0:
         raise UserError(f"data: the training split of source {d.source} is empty.")
@@ -54,33 +63,59 @@ def load_data(cfg):
     return loaded
 
 
-def resolve_heads(cfg, labelled):
-    """HeadSpecs with `num_classes` and class names checked against the data."""
-    if len(cfg.heads) > 1:
-        names = [h.name for h in cfg.heads]
-        raise UserError(
-            f"heads: {names} — the data sources give one label per example, so one head; "
-            f"multi-task data is not supported by `tftransfer.train` yet (use the builders directly)."
-        )
+def _load_multitask(cfg):
+    """Several heads: each head's own labels (`heads.N.label_key`) from csv / jsonl / tfds."""
+    d = cfg.data
+    names = [h.name for h in cfg.heads]
+    if d.source not in ("csv", "jsonl", "tfds"):
+        raise UserError(f"heads: {names} need a label per head; data.source {d.source} gives one label per "
+                        f"example. Use csv, jsonl or tfds (a column / feature per head), or one head.")
+    if d.train_per_class is not None:
+        raise UserError(f"data.train_per_class with several heads {names}: k-shot sampling stratifies one "
+                        f"class label; use one head, or remove data.train_per_class.")
+    if d.label_key != "label":  # the default: nothing to say
+        raise UserError(f"data.label_key={d.label_key!r} applies to one head; with several heads {names}, "
+                        f"set heads.N.label_key for each (default: the head's name).")
+    tasks = [(h.name, label_key(cfg, i), h.type) for i, h in enumerate(cfg.heads)]
+    keys = [t[1] for t in tasks]
+    if len(set(keys)) != len(keys):
+        raise UserError(f"heads: label keys {keys} repeat; give each head its own column (heads.N.label_key).")
+    if d.source == "tfds":
+        loaded = data_lib.load_tfds(d.name, d.train_split, d.validation_split, d.data_dir, d.input_key,
+                                    tasks=tasks)
+    else:
+        loaded = data_lib.load_text_tasks(d.source, d.train_path, d.validation_path, d.validation_fraction,
+                                          text_key=d.input_key or "text", tasks=tasks, seed=cfg.train.seed)
+    if loaded.validation is not None and loaded.validation.num_examples == 0:
+        raise UserError(f"data: the validation split of source {d.source} is empty; point "
+                        f"data.validation_split/validation_path at examples, or leave it unset.")
+    return loaded
+
+
+def resolve_heads(cfg, labelled, class_weights=True):
+    """HeadSpecs with `num_classes` and class names checked against the data
+    (multi-task: each head against its own labels), and, with `class_weights`,
+    `train.class_weight` (one pass over the training labels)."""
     specs = []
     for i, h in enumerate(cfg.heads):
+        labels = labelled.tasks[h.name] if labelled.tasks else labelled  # this head's labels
         num = h.num_classes
-        integer_ids = labelled.integer_ids
-        if labelled.num_classes is not None:
+        integer_ids = labels.integer_ids
+        if labels.num_classes is not None:
             if num is None:
-                num = labelled.num_classes
-            elif integer_ids and num < labelled.num_classes:
+                num = labels.num_classes
+            elif integer_ids and num < labels.num_classes:
                 raise UserError(
-                    f"data: label {labelled.num_classes - 1} is outside heads.{i}.num_classes={num} "
+                    f"data: label {labels.num_classes - 1} is outside heads.{i}.num_classes={num} "
                     f"(class ids must be 0..{num - 1}); fix the labels or raise num_classes."
                 )
-            elif integer_ids and num > labelled.num_classes:
+            elif integer_ids and num > labels.num_classes:
                 # Integer ids: classes absent from this data are legitimate.
-                labelled.class_names = [str(k) for k in range(num)]
-            elif num != labelled.num_classes:
+                labels.class_names = [str(k) for k in range(num)]
+            elif num != labels.num_classes:
                 raise UserError(
                     f"heads.{i}.num_classes={num} disagrees with the data, which has "
-                    f"{labelled.num_classes} classes {labelled.class_names[:10]}; "
+                    f"{labels.num_classes} classes {labels.class_names[:10]}; "
                     f"fix num_classes or leave it null to take it from the data."
                 )
         elif num is None:
@@ -90,15 +125,37 @@ def resolve_heads(cfg, labelled):
         if h.type == "classification" and num < 2:
             raise UserError(
                 f"heads.{i}: classification needs at least two classes; the data has "
-                f"{labelled.class_names or num}. Add examples of other classes, or use type regression."
+                f"{labels.class_names or num}. Add examples of other classes, or use type regression."
             )
         specs.append(HeadSpec(
             name=h.name, type=h.type, num_classes=num, pooling=h.pooling, dropout=h.dropout,
             hidden_units=h.hidden_units, label_smoothing=h.label_smoothing,
             loss_weight=h.loss_weight,
-            class_names=tuple(labelled.class_names) if labelled.class_names else None,
+            class_names=tuple(labels.class_names) if labels.class_names else None,
         ))
-    return specs
+    return _with_class_weights(cfg, labelled, specs) if class_weights else specs
+
+
+def _with_class_weights(cfg, labelled, specs):
+    """`train.class_weight` resolved per head from the training labels, logged."""
+    import dataclasses
+
+    from absl import logging
+
+    from tftransfer import class_weights
+    from tftransfer.data import kshot
+
+    def labels_of(name):
+        labels = kshot.labels_of(labelled.train, name if labelled.tasks else None)
+        return labels[labels >= 0]  # multi-task: only the examples labelled for this head
+
+    weights = class_weights.resolve(cfg.train.class_weight, [(s.name, s.type, s.class_names) for s in specs],
+                                    labels_of)
+    for name, w in weights.items():
+        spec = next(s for s in specs if s.name == name)
+        logging.info("train.class_weight: head %s: %s", name,
+                     ", ".join(f"{c}={v:.4g}" for c, v in zip(spec.class_names, w)))
+    return [dataclasses.replace(s, class_weight=weights[s.name]) if s.name in weights else s for s in specs]
 
 
 def backbone_from_config(cfg):
@@ -338,6 +395,27 @@ def write_train_ids(cfg, run, labelled):
             "train_per_class": cfg.data.train_per_class, "seed": cfg.train.seed, "ids": labelled.train_ids})
 
 
+def per_head(metrics, heads):
+    """metrics.json `heads`: `{head: {"train": {...}, "validation": {...}}}` from the flat
+    Keras names (`<head>_loss`, `<head>_accuracy`; one head: every name but the lr/stage
+    logs), plus the head's class weights; the flat names stay as they are."""
+    out = {}
+    for h in heads:
+        entry = {}
+        for section in ("train", "validation"):
+            flat = metrics.get(section) or {}
+            if len(heads) == 1:
+                picked = {k: v for k, v in flat.items() if not k.startswith(("lr_", "unfrozen"))}
+            else:
+                picked = {k[len(h.name) + 1:]: v for k, v in flat.items() if k.startswith(h.name + "_")}
+            if picked:
+                entry[section] = picked
+        if h.class_weight is not None:
+            entry["class_weight"] = dict(zip(h.class_names, h.class_weight))
+        out[h.name] = entry
+    return out
+
+
 def run_summary(cfg, global_batch):
     """metrics.json fields describing how the run ran."""
     d = cfg.distribute
@@ -376,3 +454,64 @@ def export(cfg, run, model, loaded, heads, metadata=None, adapters=None):
     return export_saved_model(model, loaded.preprocessor, loaded.modality, heads,
                               run.path(workdir.EXPORT), metadata=metadata,
                               image_background=getattr(cfg.data, "image_background", None), pair=pair)
+
+
+def quantisation_data(workdir, quantize, max_accuracy_drop, representative_examples=None):
+    """The run's own data, from `W/config.yaml`: int8 calibration batches and validation batches.
+
+    Args:
+        workdir: str. A trained work dir.
+        quantize: str. The quantisation mode (`int8` needs calibration data).
+        max_accuracy_drop: float. inf: no validation split is needed.
+        representative_examples: int. int8 calibration examples (`--representative_examples`).
+
+    Returns:
+        (representative, validation): a list of input dicts (int8 only,
+        else None) and a `tf.data.Dataset` of `(inputs, {head: labels})`
+        (None when the run has no validation split and the budget is inf).
+    """
+    import math
+    import os
+
+    from tftransfer import config as config_lib
+    from tftransfer import data as data_lib
+    from tftransfer import workdir as workdir_lib
+    from tftransfer.export.assets import load_serving_assets
+
+    from tftransfer.export.quantize import DEFAULT_REPRESENTATIVE_EXAMPLES
+
+    if representative_examples is None:
+        representative_examples = DEFAULT_REPRESENTATIVE_EXAMPLES
+    if representative_examples < 1:
+        raise UserError(f"--representative_examples must be >= 1. Received: {representative_examples}.")
+    path = os.path.join(workdir, workdir_lib.CONFIG)
+    if not os.path.isfile(path):
+        raise UserError(f"--quantize={quantize} reads the run's data from {path!r}, which is missing; "
+                        f"export a work dir written by tftransfer.train.")
+    cfg = config_lib.load_config(path)
+    assets = load_serving_assets(workdir)
+    labelled = load_data(cfg)
+    representative = None
+    if quantize == "int8":
+        n = min(representative_examples, labelled.train.num_examples)
+        # Shuffled (seeded) so the sample covers every class, not the first files.
+        train = data_lib.make_pipeline(
+            labelled.train, assets.preprocessor, assets.modality, assets.heads, 1, training=True,
+            shuffle_buffer=labelled.train.num_examples, cache=False, seed=cfg.train.seed,
+        )
+        representative = [
+            x if isinstance(x, dict) else {"image": x} for x, *_ in train.take(n).as_numpy_iterator()
+        ]
+    validation = None
+    if labelled.validation is not None:
+        validation = data_lib.make_pipeline(
+            labelled.validation, assets.preprocessor, assets.modality, assets.heads,
+            eval_batch_size(cfg, 1), training=False, cache=False,
+        ).as_numpy_iterator()
+    elif not math.isinf(max_accuracy_drop):
+        raise UserError(
+            f"--quantize={quantize} measures its accuracy cost on the validation split, and {path!r} has none "
+            f"(data.validation_split / validation_path / validation_fraction); retrain with one, "
+            f"or pass --max_accuracy_drop=inf to export unmeasured."
+        )
+    return representative, validation

@@ -42,6 +42,10 @@ class HeadSpec:
     loss_weight: float. Weight of this head's loss in a multi-task sum.
         Defaults to 1.
     class_names: tuple of str. Label names for reports and serving.
+    class_weight: tuple of float, one per class id, or None. Classification
+        only: each example's loss is multiplied by its true class's weight
+        (`train.class_weight`, see `tftransfer.class_weights`).
+        Defaults to None.
     """
 
     name: str = "label"
@@ -53,6 +57,7 @@ class HeadSpec:
     label_smoothing: float = 0.0
     loss_weight: float = 1.0
     class_names: tuple = None
+    class_weight: tuple = None
 
     def __post_init__(self):
         if self.type not in HEAD_TYPES:
@@ -65,22 +70,44 @@ class HeadSpec:
                 f"head {self.name!r}: {len(self.class_names)} class names for "
                 f"num_classes={self.num_classes}."
             )
+        if self.class_weight is not None:
+            object.__setattr__(self, "class_weight", tuple(float(w) for w in self.class_weight))
+            if self.type != "classification" or len(self.class_weight) != self.num_classes:
+                raise UserError(
+                    f"head {self.name!r}: class_weight needs a classification head and one weight per "
+                    f"class. Received: type={self.type!r}, {len(self.class_weight)} weights for "
+                    f"num_classes={self.num_classes}."
+                )
 
     def loss(self):
-        """The Keras loss matching this head's outputs."""
+        """The Keras loss matching this head's outputs.
+
+        Reduction `mean_with_sample_weight`: a batch's loss is the mean over
+        the examples whose sample weight is 1, i.e. that are labelled for
+        this head (multi-task data, see `tftransfer.data.make_pipeline`);
+        without sample weights, the plain batch mean as before. An
+        unlabelled example therefore changes neither the loss nor its
+        gradient. With `class_weight`, each example's loss is scaled by its
+        class's weight first (`ClassWeightedLoss`).
+        """
+        reduction = "mean_with_sample_weight"
         if self.type == "classification":
             if self.label_smoothing:
                 # Sparse CE has no label smoothing: labels become one-hot
                 # in the data pipeline (see `one_hot_labels`).
-                return keras.losses.CategoricalCrossentropy(
-                    from_logits=True, label_smoothing=self.label_smoothing
+                loss = keras.losses.CategoricalCrossentropy(
+                    from_logits=True, label_smoothing=self.label_smoothing, reduction=reduction
                 )
-            return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            else:
+                loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)
+            if self.class_weight is not None:
+                return ClassWeightedLoss(loss, self.class_weight, reduction=reduction)
+            return loss
         if self.type == "multilabel":
             return keras.losses.BinaryCrossentropy(
-                from_logits=True, label_smoothing=self.label_smoothing
+                from_logits=True, label_smoothing=self.label_smoothing, reduction=reduction
             )
-        return keras.losses.MeanSquaredError()
+        return keras.losses.MeanSquaredError(reduction=reduction)
 
     @property
     def one_hot_labels(self):
@@ -99,6 +126,48 @@ class HeadSpec:
                                   num_labels=self.num_classes),
             ]
         return [keras.metrics.MeanAbsoluteError(name="mae")]
+
+
+@keras.saving.register_keras_serializable(package="tftransfer")
+class ClassWeightedLoss(keras.losses.Loss):
+    """A classification loss with each example scaled by its true class's weight.
+
+    Keras' `fit(class_weight=...)` would do the same through sample weights,
+    but only for one output, and sample weights here carry the missing-label
+    mask (and weight the metrics); see `tftransfer.class_weights`.
+
+    Args:
+        loss: keras sparse or one-hot categorical cross-entropy.
+        class_weight: list of float, one per class id.
+        reduction: str. Defaults to `"mean_with_sample_weight"`.
+
+    Example:
+    ```python
+    loss = ClassWeightedLoss(keras.losses.SparseCategoricalCrossentropy(from_logits=True), [1.0, 3.0])
+    loss([1, 0], [[0.0, 1.0], [1.0, 0.0]])  # (3 * ce_0 + 1 * ce_1) / 2
+    ```
+    """
+
+    def __init__(self, loss, class_weight, reduction="mean_with_sample_weight", name=None, dtype=None):
+        super().__init__(name=name or f"class_weighted_{loss.name}", reduction=reduction, dtype=dtype)
+        if isinstance(loss, dict):
+            loss = keras.losses.deserialize(loss)
+        self.inner = loss
+        self.class_weight = [float(w) for w in class_weight]
+
+    def call(self, y_true, y_pred):
+        ops = keras.ops
+        per_example = self.inner.call(y_true, y_pred)  # (batch,), no reduction
+        if len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] == y_pred.shape[-1]:
+            ids = ops.argmax(y_true, axis=-1)  # one-hot (label smoothing)
+        else:
+            ids = ops.reshape(ops.cast(y_true, "int32"), (-1,))
+        weights = ops.take(ops.convert_to_tensor(self.class_weight, per_example.dtype), ids)
+        return per_example * weights
+
+    def get_config(self):
+        return {**super().get_config(), "loss": keras.losses.serialize(self.inner),
+                "class_weight": self.class_weight}
 
 
 def pool_features(features, modality, pooling, padding_mask=None, name="pool"):

@@ -334,6 +334,12 @@ class StepBackup(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
         self._since += 1
+        if self._step % self.steps_per_epoch == 0:
+            # An epoch's last step: `on_epoch_end` backs it up once the epoch
+            # is validated and recorded. A backup here would mark the epoch
+            # done before its record exists, and a kill in between would
+            # resume past an epoch that History never saw.
+            return
         if self.every_steps and self._since >= self.every_steps:
             self._save()
 

@@ -75,6 +75,7 @@ def main(argv):
         metrics["validation"] = {
             k: float(v) for k, v in model.evaluate(val_ds, return_dict=True, verbose=0).items()}
         metrics["num_validation_examples"] = labelled.validation.num_examples
+    metrics["heads"] = experiment.per_head(metrics, heads)
     run.save_model(model)
     adapters = unfreezing if cfg.train.lora is not None else None  # LoRA: its callback holds the adapters
     export = experiment.export(cfg, run, model, loaded, heads, adapters=adapters)

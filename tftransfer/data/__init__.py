@@ -15,5 +15,6 @@ from tftransfer.data.sources import (
     load_digits,
     load_image_folder,
     load_text_file,
+    load_text_tasks,
     load_tfds,
 )

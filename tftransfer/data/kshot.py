@@ -14,10 +14,12 @@ import tensorflow as tf
 from tftransfer.errors import UserError
 
 
-def labels_of(split):
-    """The split's integer class labels, in order (one pass over the labels only)."""
+def labels_of(split, head=None):
+    """The split's integer class labels, in order (one pass over the labels only);
+    `head`: that head's labels of a multi-task split."""
     labels = np.fromiter(
-        split.dataset.map(lambda x, y: y, num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator(),
+        split.dataset.map(lambda x, y: y if head is None else y[head],
+                          num_parallel_calls=tf.data.AUTOTUNE).as_numpy_iterator(),
         dtype="int64",
     )
     return labels

@@ -46,14 +46,17 @@ def augmentation_layers(flip=None, translate=0.0, rotate=0.0, zoom=0.0, seed=0):
 def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
                   training=False, shuffle_buffer=2048, cache=True, seed=0,
                   drop_remainder=False, augment=(), passes=None):
-    """Batched `(model_input, {head_name: label})` for `model.fit`.
+    """Batched `(model_input, {head_name: label})` for `model.fit`; multi-task
+    splits (labels keyed by head name) give `(model_input, labels, sample_weights)`
+    with weight 0 where a head's label is missing (see `unmask`).
 
     Args:
         split: `tftransfer.data.sources.Split`.
         preprocessor: the backbone's preprocessor (see `LoadedBackbone`).
         modality: str. `"image"` or `"text"`.
-        heads: list of `HeadSpec`; every head receives the split's label
-            (one-hot when the head uses label smoothing).
+        heads: list of `HeadSpec`; every head receives the split's label,
+            or its own with multi-task labels (one-hot when the head uses
+            label smoothing).
         global_batch_size: int. Per-replica batch x replicas in sync.
         training: bool. Shuffle (reshuffled every epoch) when True.
         shuffle_buffer: int. Shuffle buffer size.
@@ -92,10 +95,14 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
             return batches
         return augment_batches(batches, augment, pass_seed, rerandomize)
 
-    def to_targets(y):
-        return {
-            h.name: tf.one_hot(y, h.num_classes) if h.one_hot_labels else y for h in heads
-        }
+    def to_targets(x, y):
+        if not isinstance(y, dict):  # one label: every head receives it
+            return x, {h.name: tf.one_hot(y, h.num_classes) if h.one_hot_labels else y for h in heads}
+        targets, weights = {}, {}
+        for h in heads:
+            label, weights[h.name] = unmask(y[h.name], h.type)
+            targets[h.name] = tf.one_hot(label, h.num_classes) if h.one_hot_labels else label
+        return x, targets, weights
 
     if modality == "image":
         ds = ds.map(lambda x, y: (preprocess(preprocessor, x), y), num_parallel_calls=AUTOTUNE)
@@ -112,8 +119,25 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
         # No cache (data larger than memory): tokenise whole batches, in parallel.
         ds = shuffle_and_batch(ds)
         ds = ds.map(lambda x, y: (preprocess(preprocessor, x), y), num_parallel_calls=AUTOTUNE)
-    ds = ds.map(lambda x, y: (x, to_targets(y)), num_parallel_calls=AUTOTUNE)
-    return ds.prefetch(AUTOTUNE)
+    return ds.map(to_targets, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def unmask(label, head_type):
+    """A batch of one head's multi-task labels -> (labels, sample weights).
+
+    Missing labels (class id -1, a multi-hot row of -1, regression NaN; see
+    `tftransfer.data.sources.MISSING_CLASS`) get sample weight 0 and a valid
+    placeholder label (0), so the loss and the weighted metrics of that head
+    skip them (`HeadSpec.loss`: mean over sample-weighted examples).
+    """
+    if head_type == "regression":
+        labelled = tf.math.is_finite(label)
+    elif head_type == "multilabel":
+        labelled = tf.reduce_all(label >= 0, axis=-1)
+    else:
+        labelled = label >= 0
+    mask = labelled if label.shape.rank == labelled.shape.rank else labelled[..., None]
+    return tf.where(mask, label, tf.zeros_like(label)), tf.cast(labelled, tf.float32)
 
 
 def augment_batches(batches, layers, seed, rerandomize=False):

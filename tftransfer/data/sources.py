@@ -57,6 +57,37 @@ class LabelledData:
     train_ids: list = None
     # Text inputs are `(first, second)` sentence pairs (two input keys).
     pair: bool = False
+    # Multi-task: {head name: TaskLabels}; the examples' labels are then
+    # dicts keyed by head name (see `load_text_tasks`). None: one label.
+    tasks: dict = None
+
+    @property
+    def num_classes(self):
+        return len(self.class_names) if self.class_names is not None else None
+
+
+# A missing multi-task label inside a dataset: class id -1 (as TFDS writes
+# unlabelled examples), a multi-hot row of -1, or NaN (regression). The
+# pipeline turns it into a sample weight of 0 for that head.
+MISSING_CLASS = -1
+
+
+@dataclasses.dataclass
+class TaskLabels:
+    """One head's labels in multi-task data.
+
+    label_type: str. classification, multilabel or regression.
+    class_names: list of str, or None (regression).
+    integer_ids: bool. Labels were integer class ids.
+    num_labelled: int. Training examples that have this head's label.
+    label_key: str. The column / key / feature they come from.
+    """
+
+    label_type: str
+    class_names: list
+    integer_ids: bool = False
+    num_labelled: int = 0
+    label_key: str = None
 
     @property
     def num_classes(self):
@@ -274,6 +305,81 @@ def load_text_file(fmt, train_path, validation_path=None, validation_fraction=0.
                         pair=not isinstance(text_key, str))
 
 
+def load_text_tasks(fmt, train_path, validation_path=None, validation_fraction=0.0, text_key="text",
+                    tasks=(), seed=0):
+    """Multi-task text: one text column (or two: a pair) and one label column per head (CSV / JSONL).
+
+    A row may leave a head's label out (empty CSV cell, JSONL key absent or
+    null): it then trains the other heads only. Each head's labels are
+    checked as `load_text_file` checks one label column (one label type,
+    at least two classes, no validation class unseen in training).
+
+    Args:
+        tasks: list of `(head name, label_key, label_type)`.
+
+    Returns:
+        LabelledData whose examples are `(text, {head name: label})`, with
+        a missing label stored as `MISSING_CLASS` (class ids, multi-hot rows
+        of it) or NaN (regression), and `tasks` describing each head's labels.
+    """
+    keys = tuple(key for _, key, _ in tasks)
+    texts, rows = _read_rows(fmt, train_path, text_key, keys, "data.train_path")
+    val_texts, val_rows = _read_rows(fmt, validation_path, text_key, keys, "data.validation_path") \
+        if validation_path else ([], [])
+    train_columns, val_columns, info = {}, {}, {}
+    for t, (name, key, label_type) in enumerate(tasks):
+        train_values, val_values = [r[t] for r in rows], [r[t] for r in val_rows]
+        present = [v for v in train_values if v is not None]
+        if not present:
+            raise UserError(f"data.train_path {train_path!r}: no example has a label in {key!r} (head "
+                            f"{name!r}); fill the column or set that head's label_key.")
+        seen = present + [v for v in val_values if v is not None]
+        integer_ids, class_names = False, None
+        if label_type == "regression":
+            encode = _regression_encoder(train_path)
+            missing = float("nan")
+        else:
+            _check_one_label_type(seen, key, train_path)
+            class_names, integer_ids = _infer_class_names(seen, label_type)
+            encode = _class_encoder(class_names, label_type, key)
+            missing = MISSING_CLASS if label_type == "classification" else \
+                np.full(len(class_names), MISSING_CLASS, "float32")
+
+        def column(values):
+            return [missing if v is None else encode(v, i) for i, v in enumerate(values)]
+
+        train_columns[name], val_columns[name] = column(train_values), column(val_values)
+        if label_type == "classification":
+            _check_classes([v for v in train_columns[name] if v != MISSING_CLASS],
+                           [v for v in val_columns[name] if v != MISSING_CLASS],
+                           class_names, key, train_path, validation_path)
+        info[name] = TaskLabels(label_type, class_names, integer_ids, len(present), key)
+    index = list(range(len(texts)))
+    val = None
+    if validation_path:
+        val = _task_split(val_texts, val_columns, list(range(len(val_texts))))
+    elif validation_fraction:
+        index, _, val_index, _ = _holdout(index, index, validation_fraction, seed)
+        val = _task_split(texts, train_columns, val_index)
+        for t, (name, _, _) in enumerate(tasks):
+            info[name].num_labelled = sum(rows[i][t] is not None for i in index)
+    data = LabelledData("text", _task_split(texts, train_columns, index), val, None, "multitask",
+                        pair=not isinstance(text_key, str))
+    data.tasks = info
+    return data
+
+
+def _task_split(texts, columns, index):
+    labels = {}
+    for name, values in columns.items():
+        array = np.array([values[i] for i in index])
+        labels[name] = array.astype("int32") if array.dtype.kind in "iu" else array.astype("float32")
+    inputs = [texts[i] for i in index]
+    if inputs and isinstance(inputs[0], tuple):  # sentence pairs: ((first...), (second...))
+        inputs = tuple(list(column) for column in zip(*inputs))
+    return Split(tf.data.Dataset.from_tensor_slices((inputs, labels)), len(index))
+
+
 def _check_one_label_type(labels, label_key, path):
     """JSONL labels 1, 1.0, true and "1" would become four classes: refuse a mix."""
     kinds = {}
@@ -299,14 +405,19 @@ def _check_classes(train_labels, val_labels, class_names, label_key, train_path,
     if unseen:
         names = [class_names[i] for i in unseen]
         raise UserError(
-            f"data.validation_path {validation_path!r}: label(s) {names[:5]} never occur in "
+            f"data.validation_path {validation_path!r}: label(s) {names[:5]} in {label_key!r} never occur in "
             f"data.train_path {train_path!r}; add training examples for them or drop them."
         )
 
 
 def _read_rows(fmt, path, text_key, label_key, where):
-    """`(inputs, labels)`: inputs are strings, or `(first, second)` tuples for two text keys."""
+    """`(inputs, labels)`: inputs are strings, or `(first, second)` tuples for two text keys.
+
+    label_key: a tuple of keys for multi-task data: each row's label is then a
+    tuple, None where the cell is empty or the JSONL key absent / null.
+    """
     text_keys = [text_key] if isinstance(text_key, str) else list(text_key)
+    tasks = label_key if isinstance(label_key, tuple) else None
     if not os.path.isfile(path):
         raise UserError(f"{where} {path!r}: no such file.")
     with open(path, "rb") as f:
@@ -323,7 +434,7 @@ def _read_rows(fmt, path, text_key, label_key, where):
     with io.StringIO(content, newline="") as f:
         if fmt == "csv":
             reader = csv.DictReader(f)
-            missing = [k for k in (*text_keys, label_key) if k not in (reader.fieldnames or [])]
+            missing = [k for k in (*text_keys, *(tasks or (label_key,))) if k not in (reader.fieldnames or [])]
             if missing:
                 raise UserError(
                     f"{where} {path!r}: no column {missing[0]!r}; columns are "
@@ -338,14 +449,14 @@ def _read_rows(fmt, path, text_key, label_key, where):
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{where} {path!r} line {n}: not valid JSON ({e.msg}).")
-                for k in (*text_keys, label_key):
+                for k in (*text_keys,) if tasks else (*text_keys, label_key):
                     if k not in row:
                         raise UserError(f"{where} {path!r} line {n}: no key {k!r}.")
                 rows.append(row)
     if not rows:
         raise UserError(f"{where} {path!r} holds no examples.")
     for n, r in enumerate(rows, 1):
-        if r[label_key] is None or (isinstance(r[label_key], str) and not r[label_key].strip()):
+        if tasks is None and _label_or_none(r[label_key]) is None:
             raise UserError(
                 f"{where} {path!r} example {n}: no label in {label_key!r}; label it or remove the row."
             )
@@ -353,8 +464,17 @@ def _read_rows(fmt, path, text_key, label_key, where):
             if r[k] is None:
                 raise UserError(f"{where} {path!r} example {n}: no text in {k!r}.")
     if len(text_keys) == 2:
-        return [(str(r[text_keys[0]]), str(r[text_keys[1]])) for r in rows], [r[label_key] for r in rows]
-    return [str(r[text_key]) for r in rows], [r[label_key] for r in rows]
+        inputs = [(str(r[text_keys[0]]), str(r[text_keys[1]])) for r in rows]
+    else:
+        inputs = [str(r[text_key]) for r in rows]
+    if tasks:
+        return inputs, [tuple(_label_or_none(r.get(k)) for k in tasks) for r in rows]
+    return inputs, [r[label_key] for r in rows]
+
+
+def _label_or_none(value):
+    """A multi-task label cell: None when missing (empty CSV cell, JSONL null or absent key)."""
+    return None if value is None or (isinstance(value, str) and not value.strip()) else value
 
 
 def _as_int(value):
@@ -434,10 +554,14 @@ def _text_split(texts, labels):
 
 
 def load_tfds(name, train_split="train", validation_split=None, data_dir=None,
-              input_key=None, label_key="label", download=True):
+              input_key=None, label_key="label", download=True, tasks=None):
     """A TFDS dataset by name and split (images or text, one class label).
 
     `input_key` may be two text features `[first, second]` (sentence pairs).
+    tasks: list of `(head name, feature, label_type)` for multi-task data: a
+    `ClassLabel` feature per classification head (-1: no label, as TFDS
+    stores unlabelled examples), a scalar number per regression head (NaN:
+    no label). Examples are then `(input, {head name: label})`.
     """
     try:
         import tensorflow_datasets as tfds
@@ -467,7 +591,8 @@ def load_tfds(name, train_split="train", validation_split=None, data_dir=None,
                 f"({str(e).splitlines()[0][:160]}); pass data.data_dir holding a prepared copy."
             )
     features = builder.info.features
-    if label_key not in features:
+    info = _tfds_tasks(name, features, tasks, tfds) if tasks else None
+    if not tasks and label_key not in features:
         raise UserError(f"data.label_key {label_key!r} is not a feature of {name}: {list(features)}.")
     pair = input_key is not None and not isinstance(input_key, str)
     if input_key is None:
@@ -479,7 +604,7 @@ def load_tfds(name, train_split="train", validation_split=None, data_dir=None,
             raise UserError(f"data.input_key {key!r} of {name} is not a text feature; a sentence pair "
                             f"takes two text features.")
     modality = "text" if pair else "image" if isinstance(features[input_key], tfds.features.Image) else "text"
-    label_feature = features[label_key]
+    label_feature = None if tasks else features[label_key]
     class_names = list(label_feature.names) if hasattr(label_feature, "names") else None
 
     def split(spec):
@@ -490,7 +615,14 @@ def load_tfds(name, train_split="train", validation_split=None, data_dir=None,
         n = _num_examples(builder, spec, ds)
         if n == 0:
             raise UserError(f"data split {spec!r} of {name} is empty.")
-        if modality == "image":
+        if tasks:
+            cast = tf.cast if modality == "image" else (lambda x, _: x)
+            read = (lambda ex: (ex[input_key[0]], ex[input_key[1]])) if pair else \
+                (lambda ex: cast(ex[input_key], tf.float32))
+            ds = ds.map(lambda ex: (read(ex), {
+                n: tf.cast(ex[k], tf.int32 if t == "classification" else tf.float32) for n, k, t in tasks}),
+                num_parallel_calls=tf.data.AUTOTUNE)
+        elif modality == "image":
             ds = ds.map(lambda ex: (tf.cast(ex[input_key], tf.float32), tf.cast(ex[label_key], tf.int32)),
                         num_parallel_calls=tf.data.AUTOTUNE)
         elif pair:
@@ -502,7 +634,48 @@ def load_tfds(name, train_split="train", validation_split=None, data_dir=None,
         return Split(ds, n)
 
     val = split(validation_split) if validation_split else None
-    return LabelledData(modality, split(train_split), val, class_names, pair=pair)
+    data = LabelledData(modality, split(train_split), val, class_names, pair=pair)
+    if tasks:
+        data.class_names, data.label_type, data.tasks = None, "multitask", info
+        for n, _, t in tasks:  # the degenerate-label checks load_text_tasks makes
+            if t == "classification":
+                _check_task_classes(data, n, info[n])
+    return data
+
+
+def _tfds_tasks(name, features, tasks, tfds):
+    info = {}
+    for head, key, label_type in tasks:
+        if key not in features:
+            raise UserError(f"head {head!r}: label_key {key!r} is not a feature of {name}: {list(features)}.")
+        feature = features[key]
+        if label_type == "classification" and isinstance(feature, tfds.features.ClassLabel):
+            info[head] = TaskLabels(label_type, list(feature.names), label_key=key)
+        elif label_type == "regression" and getattr(feature, "shape", None) == () and \
+                np.dtype(getattr(feature, "np_dtype", "object")).kind in "iuf":
+            info[head] = TaskLabels(label_type, None, label_key=key)
+        else:
+            raise UserError(f"head {head!r} ({label_type}): TFDS feature {key!r} of {name} is "
+                            f"{type(feature).__name__}; classification heads need a ClassLabel feature, "
+                            f"regression heads a scalar number (multilabel: use csv or jsonl).")
+    return info
+
+
+def _check_task_classes(data, head, task):
+    """>= 2 classes seen in training, no validation class unseen there (TFDS multi-task)."""
+    from tftransfer.data.kshot import labels_of
+
+    train = labels_of(data.train, head)
+    task.num_labelled = int((train >= 0).sum())
+    val = labels_of(data.validation, head) if data.validation is not None else np.zeros(0, int)
+    seen = set(train[train >= 0].tolist())
+    if len(seen) < 2:
+        raise UserError(f"data.train_split: head {head!r} has labels {[task.class_names[c] for c in seen]} "
+                        f"in feature {task.label_key!r}; classification needs at least two classes.")
+    unseen = sorted(set(val[val >= 0].tolist()) - seen)
+    if unseen:
+        raise UserError(f"data.validation_split: label(s) {[task.class_names[c] for c in unseen][:5]} of "
+                        f"{task.label_key!r} never occur in data.train_split; add training examples or drop them.")
 
 
 def _check_download_hosts(name, builder, data_dir, timeout=5.0):

@@ -141,6 +141,12 @@ def _distill_section(cfg):
             f"--config {FLAGS.config or '(none)'} has no distill section; add distill: {{teacher: "
             f"[path/to/trained/workdir]}} (see configs/distill_minilm_sentiment.yaml)."
         )
+    if len(cfg.heads) > 1 or cfg.train.class_weight is not None:
+        raise UserError(
+            f"distill: the student trains one head on the teacher's outputs without class weights; "
+            f"{'use one head' if len(cfg.heads) > 1 else 'remove train.class_weight'} (multi-task and "
+            f"class weights: python -m tftransfer.train)."
+        )
     if cfg.distill.cache != "none" and cfg.data.augment.enabled:
         raise UserError(
             f"distill.cache={cfg.distill.cache} with data.augment: cached teacher outputs would not "

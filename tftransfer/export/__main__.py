@@ -66,6 +66,7 @@ def main(argv):
 
         raise UserError(f"unexpected arguments {argv[1:]}; every option is a --flag (see --helpfull).")
     # Heavy imports after flag parsing, so --helpfull is instant.
+    from tftransfer import experiment
     from tftransfer.export import quantize as quantize_lib
     from tftransfer.export.assets import export_workdir
 
@@ -74,7 +75,7 @@ def main(argv):
     max_drop = quantize_lib.check_max_accuracy_drop(FLAGS.max_accuracy_drop)
     representative = validation = None
     if FLAGS.quantize != "none":
-        representative, validation = quantize_lib.quantisation_data(
+        representative, validation = experiment.quantisation_data(
             FLAGS.workdir, FLAGS.quantize, max_drop, FLAGS.representative_examples)
     result = export_workdir(
         FLAGS.workdir, export_base=FLAGS.export_base, version=FLAGS.version,

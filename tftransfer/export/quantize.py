@@ -52,8 +52,10 @@ def accuracy(predict, dataset, heads):
     """
     scored = classification_heads(heads)
     correct = {h.name: 0 for h in scored}
+    counted = {h.name: 0 for h in scored}
     total = 0
-    for inputs, labels in dataset:
+    for batch in dataset:  # multi-task batches carry sample weights: 0 = no label for that head
+        inputs, labels, weights = batch[0], batch[1], (batch[2] if len(batch) > 2 else None)
         outputs = predict(inputs)
         for h in scored:
             key = "probabilities" if len(heads) == 1 else f"{h.name}_probabilities"
@@ -61,9 +63,11 @@ def accuracy(predict, dataset, heads):
             y = np.asarray(labels[h.name])
             if y.ndim > 1:
                 y = np.argmax(y, axis=-1)
-            correct[h.name] += int(np.sum(predicted == y))
+            keep = np.ones(len(y), bool) if weights is None else np.asarray(weights[h.name]) > 0
+            correct[h.name] += int(np.sum((predicted == y)[keep]))
+            counted[h.name] += int(keep.sum())
         total += len(np.asarray(labels[scored[0].name])) if scored else 0
-    result = {name: (c / total if total else float("nan")) for name, c in correct.items()}
+    result = {name: (c / counted[name] if counted[name] else float("nan")) for name, c in correct.items()}
     result["examples"] = total
     return result
 
@@ -170,61 +174,3 @@ def check_keras_int8(modality):
             "layers in float32 (Keras 3.15 quantises Dense/EinsumDense/Embedding only), so an image "
             "SavedModel would not shrink; use --format=tflite --quantize=int8 for image models."
         )
-
-
-def quantisation_data(workdir, quantize, max_accuracy_drop, representative_examples=DEFAULT_REPRESENTATIVE_EXAMPLES):
-    """The run's own data, from `W/config.yaml`: int8 calibration batches and validation batches.
-
-    Args:
-        workdir: str. A trained work dir.
-        quantize: str. The quantisation mode (`int8` needs calibration data).
-        max_accuracy_drop: float. inf: no validation split is needed.
-        representative_examples: int. int8 calibration examples (`--representative_examples`).
-
-    Returns:
-        (representative, validation): a list of input dicts (int8 only,
-        else None) and a `tf.data.Dataset` of `(inputs, {head: labels})`
-        (None when the run has no validation split and the budget is inf).
-    """
-    import math
-    import os
-
-    from tftransfer import config as config_lib
-    from tftransfer import data as data_lib
-    from tftransfer import experiment, workdir as workdir_lib
-    from tftransfer.errors import UserError
-    from tftransfer.export.assets import load_serving_assets
-
-    if representative_examples < 1:
-        raise UserError(f"--representative_examples must be >= 1. Received: {representative_examples}.")
-    path = os.path.join(workdir, workdir_lib.CONFIG)
-    if not os.path.isfile(path):
-        raise UserError(f"--quantize={quantize} reads the run's data from {path!r}, which is missing; "
-                        f"export a work dir written by tftransfer.train.")
-    cfg = config_lib.load_config(path)
-    assets = load_serving_assets(workdir)
-    labelled = experiment.load_data(cfg)
-    representative = None
-    if quantize == "int8":
-        n = min(representative_examples, labelled.train.num_examples)
-        # Shuffled (seeded) so the sample covers every class, not the first files.
-        train = data_lib.make_pipeline(
-            labelled.train, assets.preprocessor, assets.modality, assets.heads, 1, training=True,
-            shuffle_buffer=labelled.train.num_examples, cache=False, seed=cfg.train.seed,
-        )
-        representative = [
-            x if isinstance(x, dict) else {"image": x} for x, _ in train.take(n).as_numpy_iterator()
-        ]
-    validation = None
-    if labelled.validation is not None:
-        validation = data_lib.make_pipeline(
-            labelled.validation, assets.preprocessor, assets.modality, assets.heads,
-            experiment.eval_batch_size(cfg, 1), training=False, cache=False,
-        ).as_numpy_iterator()
-    elif not math.isinf(max_accuracy_drop):
-        raise UserError(
-            f"--quantize={quantize} measures its accuracy cost on the validation split, and {path!r} has none "
-            f"(data.validation_split / validation_path / validation_fraction); retrain with one, "
-            f"or pass --max_accuracy_drop=inf to export unmeasured."
-        )
-    return representative, validation

@@ -23,20 +23,26 @@ def probabilities_from_logits(head, logits):
     return logits
 
 
-def collect(predict, dataset, heads, num_batches=None, verbose="auto"):
+def collect(predict, dataset, heads, num_batches=None, verbose="auto", with_positions=False):
     """Predictions and labels for every example of `dataset`, in order.
 
     Args:
         predict: callable. A preprocessed batch -> `{head name: probabilities
             (classification, multi-label) or values (regression)}` as numpy.
-        dataset: tf.data.Dataset of `(x, {head name: label})`.
+        dataset: tf.data.Dataset of `(x, {head name: label})`, or
+            `(x, labels, {head name: sample weight})` (multi-task: an
+            example with weight 0 has no label for that head and is left out
+            of that head's arrays).
         heads: list of `HeadSpec`.
         num_batches: int. For the progress bar. Defaults to None (unknown).
         verbose: `"auto"`, 0, 1 or 2 (see `tftransfer.progress`).
+        with_positions: bool. Also return `{head name: positions}` of the
+            kept examples in the dataset. Defaults to False.
 
     Returns:
         dict `{head name: (labels, predictions)}` of numpy arrays; one-hot
-        classification labels are turned back into class ids.
+        classification labels are turned back into class ids. With
+        `with_positions`, `(that dict, positions)`.
     """
     import keras
 
@@ -45,23 +51,33 @@ def collect(predict, dataset, heads, num_batches=None, verbose="auto"):
     bar = keras.utils.Progbar(num_batches, verbose=keras_verbose(verbose), unit_name="batch")
     labels = {h.name: [] for h in heads}
     outputs = {h.name: [] for h in heads}
-    for step, (x, y) in enumerate(dataset):
+    positions = {h.name: [] for h in heads}
+    seen = 0
+    for step, batch in enumerate(dataset):
+        x, y = batch[0], batch[1]
+        weights = batch[2] if len(batch) > 2 else None
         first = next(iter(x.values())) if isinstance(x, dict) else x[0] if isinstance(x, tuple) else x
-        if int(first.shape[0]) == 0:
+        rows = int(first.shape[0])
+        if rows == 0:
             continue  # Never run the network on an empty batch.
         predicted = predict(x)
         for h in heads:
-            outputs[h.name].append(np.asarray(predicted[h.name]))
+            keep = np.ones(rows, bool) if weights is None else np.asarray(weights[h.name]) > 0
+            outputs[h.name].append(np.asarray(predicted[h.name])[keep])
             target = np.asarray(y[h.name])
             if h.type == "classification" and target.ndim == 2:
                 target = target.argmax(-1)
-            labels[h.name].append(target)
+            labels[h.name].append(target[keep])
+            positions[h.name].append(seen + np.flatnonzero(keep))
+        seen += rows
         bar.update(step + 1)
     result = {}
     for h in heads:
-        if not outputs[h.name]:
-            raise ValueError("the dataset yielded no examples.")
+        if not sum(len(o) for o in outputs[h.name]):
+            raise ValueError(f"the dataset yielded no labelled examples for head {h.name!r}.")
         result[h.name] = (np.concatenate(labels[h.name]), np.concatenate(outputs[h.name]))
+    if with_positions:
+        return result, {h.name: np.concatenate(positions[h.name]) for h in heads}
     return result
 
 
