@@ -14,6 +14,8 @@
     W/tflite/<N>/     TFLite exports (`python -m tftransfer.export --format=tflite`)
     W/report/         `python -m tftransfer.evaluate`: report.md, PNGs, metrics_<split>.json
     W/lora/           LoRA runs: adapters + heads, base named and hashed (tftransfer.lora)
+    W/cache/          computed once, reused on resume: teacher outputs (distill.cache: disk),
+                      W/cache/features/<key>/<split>.npz pooled backbone features (train.cache_features)
     W/metrics.json    written last: its presence means the run finished
 
 An ensemble dir (`python -m tftransfer.export --workdir=E --ensemble=W1,W2`)
@@ -46,8 +48,10 @@ BEST_WEIGHTS = os.path.join(CHECKPOINTS, "best.weights.h5")
 REPORT = "report"
 LORA = "lora"
 ENSEMBLE = "ensemble.json"
+CACHE = "cache"
+FEATURE_CACHE = os.path.join(CACHE, "features")
 RUN_OUTPUTS = (CONFIG, METRICS, BACKUP, CHECKPOINTS, LOGS, EXPORT, MODEL, BACKBONE_PRESET,
-               PREPROCESSOR, HEADS, HISTORY, TRAIN_IDS, "export_token_ids", "tflite", REPORT, "cache", LORA)
+               PREPROCESSOR, HEADS, HISTORY, TRAIN_IDS, "export_token_ids", "tflite", REPORT, CACHE, LORA)
 
 
 def atomic_write_text(path, text):
