@@ -517,18 +517,22 @@ def quantisation_data(workdir, quantize, max_accuracy_drop, representative_examp
     return representative, validation
 
 
-def cached_features(cfg, run, model, loaded, labelled, heads):
+def cached_features(cfg, run, model, loaded, labelled, heads, total_steps):
     """`train.cache_features`: whether the head trains on features computed once (one log line
     saying why or why not), and when it does, those features and the head model.
 
     On: the pooled features of every split are loaded from, or computed into,
     `W/cache/features/<key>/` (see `tftransfer.feature_cache`), and the head
-    model (the shared head layers of `model`, compiled with `model`'s
-    optimizer) is what trains; `model` then holds the trained heads.
+    model (the shared head layers of `model`, compiled with a new optimizer
+    like `model`'s, over `total_steps`) is what trains; `model` then holds
+    the trained heads. With one replica the head model lives outside the
+    strategy: Keras' distributed input and per-call build under a strategy
+    cost ~10 ms per batch, most of an epoch on cached features.
 
     Returns:
         `tftransfer.feature_cache.CachedFeatures` (`.on` False: train `model` as usual).
     """
+    import contextlib
     import dataclasses
 
     import tensorflow as tf
@@ -549,8 +553,9 @@ def cached_features(cfg, run, model, loaded, labelled, heads):
         return feature_cache.CachedFeatures(on, reason)
     with run.strategy.scope():
         features = builders.features_model(model, heads)
+    with run.strategy.scope() if run.replicas > 1 else contextlib.nullcontext():
         head = builders.head_model(model, heads)
-        builders.compile_for_heads(head, heads, model.optimizer, jit_compile=cfg.distribute.jit_compile)
+        builders.compile_for_heads(head, heads, optimizer(cfg, total_steps), jit_compile=cfg.distribute.jit_compile)
     key = feature_cache.model_key(features, heads)
     splits, infos = {}, {}
     for name in ("train", "validation"):

@@ -57,7 +57,8 @@ def main(argv):
     experiment.write_train_ids(cfg, run, labelled)
 
     # 6. train.cache_features: a frozen backbone runs once; the head model trains on its features.
-    features, trained = experiment.cached_features(cfg, run, model, loaded, labelled, heads), model
+    features = experiment.cached_features(cfg, run, model, loaded, labelled, heads, steps * cfg.train.epochs)
+    trained = model
     if features.on:
         trained, data, source = features.head_model, features.labelled, features.source
         val_ds = pipelines()[1]
