@@ -131,7 +131,7 @@ def scan(split, preprocessor, batch_size):
     for x, y in preprocessed_inputs(split, preprocessor, batch_size, with_labels=True).as_numpy_iterator():
         for leaf in tf.nest.flatten(x):  # dicts in sorted key order
             leaf = np.ascontiguousarray(leaf)
-            h.update(f"{leaf.dtype}{leaf.shape}".encode())
+            h.update(f"{leaf.dtype}{leaf.shape[1:]}".encode())  # per example: any batch size
             h.update(leaf.tobytes())
         labels.append(y)
     labels = tf.nest.map_structure(lambda *parts: np.concatenate(parts), *labels)
