@@ -44,8 +44,10 @@ def main(argv):
         experiment.check_modality(cfg, loaded, labelled)
         model, unfreezing = experiment.transfer_model(
             cfg, loaded, heads, steps * cfg.train.epochs, log_dir=run.path(workdir.LOGS))
+    cache = experiment.data_cache(cfg, labelled, loaded, run.path(workdir.DATA_CACHE))
+
     def pipelines(passes=None):
-        return experiment.pipelines(cfg, labelled, loaded, heads, global_batch, run.replicas, passes)
+        return experiment.pipelines(cfg, labelled, loaded, heads, global_batch, run.replicas, passes, cache)
 
     val_ds = pipelines()[1]
 
@@ -70,7 +72,8 @@ def main(argv):
 
     # 8. Evaluate, save, export; metrics.json last (it marks completion).
     metrics = {**result.summary(), **shipped, **experiment.run_summary(cfg, global_batch),
-               "num_train_examples": labelled.train.num_examples, "backbone": loaded.description}
+               "num_train_examples": labelled.train.num_examples, "backbone": loaded.description,
+               "data_cache": cache.summary()}
     if val_ds is not None:
         metrics["validation"] = {
             k: float(v) for k, v in model.evaluate(val_ds, return_dict=True, verbose=0).items()}

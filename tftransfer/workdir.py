@@ -13,6 +13,7 @@
                       W/export_token_ids/<N>/: core-ops-only twin)
     W/tflite/<N>/     TFLite exports (`python -m tftransfer.export --format=tflite`)
     W/report/         `python -m tftransfer.evaluate`: report.md, PNGs, metrics_<split>.json
+    W/cache/data/     data.cache disk: preprocessed examples, <split>-<key>/ (tftransfer.data.cache)
     W/lora/           LoRA runs: adapters + heads, base named and hashed (tftransfer.lora)
     W/metrics.json    written last: its presence means the run finished
 
@@ -46,8 +47,10 @@ BEST_WEIGHTS = os.path.join(CHECKPOINTS, "best.weights.h5")
 REPORT = "report"
 LORA = "lora"
 ENSEMBLE = "ensemble.json"
+CACHE = "cache"
+DATA_CACHE = os.path.join(CACHE, "data")
 RUN_OUTPUTS = (CONFIG, METRICS, BACKUP, CHECKPOINTS, LOGS, EXPORT, MODEL, BACKBONE_PRESET,
-               PREPROCESSOR, HEADS, HISTORY, TRAIN_IDS, "export_token_ids", "tflite", REPORT, "cache", LORA)
+               PREPROCESSOR, HEADS, HISTORY, TRAIN_IDS, "export_token_ids", "tflite", REPORT, CACHE, LORA)
 
 
 def atomic_write_text(path, text):
