@@ -9,7 +9,7 @@ on the host in tf.data) and is put back in front of it for serving.
 
 import keras
 
-from tftransfer.heads import build_head, pool_features
+from tftransfer.heads import build_head, head_layer_names, pool_features, pool_layer_name
 
 
 def build_model(backbone, heads, freeze_backbone=False, name="transfer_model"):
@@ -39,13 +39,47 @@ def build_model(backbone, heads, freeze_backbone=False, name="transfer_model"):
     outputs = {}
     for spec in heads:
         pooled = pool_features(
-            features, backbone.modality, spec.pooling, padding_mask, name=f"{spec.name}_pool"
+            features, backbone.modality, spec.pooling, padding_mask, name=pool_layer_name(spec)
         )
         outputs[spec.name] = build_head(pooled, spec)
     if backbone.modality == "text" and all((spec.pooling or "cls") != "cls" for spec in heads):
         _freeze_unused_pooler(backbone)
     if freeze_backbone:
         backbone.model.trainable = False
+    return keras.Model(inputs, outputs, name=name)
+
+
+def features_key(spec):
+    """The key of `spec`'s pooled features in `features_model`'s outputs and `head_model`'s inputs."""
+    return f"{spec.name}_features"
+
+
+def features_model(model, heads, name="features_model"):
+    """Model inputs -> each head's pooled backbone features, `{features_key(head): (batch, dim)}`.
+
+    Shares the layers (and weights) of `model`, a `build_model` model.
+    Run it in inference mode (`predict`): BatchNorm uses its moving
+    statistics and dropout is off, so the features of an example are fixed.
+    """
+    return keras.Model(model.input, {features_key(h): model.get_layer(pool_layer_name(h)).output for h in heads},
+                       name=name)
+
+
+def head_model(model, heads, name="head_model"):
+    """Pooled features `{features_key(head): (batch, dim)}` -> `{head.name: logits}`, as in `model`.
+
+    The head layers are `model`'s own (shared, not copied): training this
+    model trains `model`'s heads, so `model` then holds the trained heads
+    and saves / exports as usual. Together with `features_model`:
+    `model(x) == head_model(features_model(x))` in inference mode.
+    """
+    inputs, outputs = {}, {}
+    for h in heads:
+        dim = model.get_layer(pool_layer_name(h)).output.shape[-1]
+        x = inputs[features_key(h)] = keras.Input((dim,), name=features_key(h))
+        for layer_name in head_layer_names(h):
+            x = model.get_layer(layer_name)(x)
+        outputs[h.name] = x
     return keras.Model(inputs, outputs, name=name)
 
 

@@ -380,9 +380,16 @@ class TrainConfig:
     # (n / (classes x count), every classification head) or {label: weight} (one
     # head; several heads: {head name: balanced or {label: weight}}). Null: off.
     class_weight: Optional[Union[str, dict]] = None
+    # Feature extraction, cached (tftransfer/feature_cache.py): auto computes the pooled
+    # backbone features once when the backbone is frozen for the whole run and the inputs
+    # are not augmented, and trains the head on them; false: the backbone runs every step.
+    cache_features: Union[bool, str] = "auto"
 
     def validate(self, path):
         from tftransfer.epoch_selection import KEEP_CHOICES
+        from tftransfer.feature_cache import check_mode
+
+        check_mode(self.cache_features, f"{path}.cache_features")
 
         u = self.unfreeze
         if self.lora is not None and (u.schedule != "all" or u.lr_decay is not None or u.train_bn):

@@ -243,6 +243,16 @@ def data_cache(cfg, labelled, loaded, cache_dir=None):
     return plan
 
 
+def _features_in_memory():
+    from tftransfer.data import cache as cache_lib
+
+    return cache_lib.CachePlan("memory", reason="pooled backbone features (train.cache_features)")
+
+
+# The pipelines' cache plan when the head trains on cached features (small, in RAM already).
+FEATURES_IN_MEMORY = _features_in_memory()
+
+
 def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1, passes=None, cache=None):
     """(train, validation) datasets; `passes`: see `tftransfer.data.make_pipeline`;
     `cache`: a `data_cache` plan (None: `data.cache` without a disk directory)."""
@@ -542,3 +552,54 @@ def quantisation_data(workdir, quantize, max_accuracy_drop, representative_examp
             f"or pass --max_accuracy_drop=inf to export unmeasured."
         )
     return representative, validation
+
+
+def cached_features(cfg, run, model, loaded, labelled, heads):
+    """`train.cache_features`: whether the head trains on features computed once (one log line
+    saying why or why not), and when it does, those features and the head model.
+
+    On: the pooled features of every split are loaded from, or computed into,
+    `W/cache/features/<key>/` (see `tftransfer.feature_cache`), and the head
+    model (the shared head layers of `model`, compiled with `model`'s
+    optimizer) is what trains; `model` then holds the trained heads.
+
+    Returns:
+        `tftransfer.feature_cache.CachedFeatures` (`.on` False: train `model` as usual).
+    """
+    import dataclasses
+
+    import tensorflow as tf
+    from absl import logging
+
+    from tftransfer import builders, feature_cache, workdir
+    from tftransfer.progress import keras_verbose
+
+    t = cfg.train
+    on, reason = feature_cache.decide(
+        t.cache_features, lora=t.lora is not None, augmented=cfg.data.augment.enabled,
+        frozen=feature_cache.frozen_throughout(t.unfreeze.schedule, loaded.layer_groups, t.unfreeze.unit),
+        multi_worker=run.cluster.num_workers > 1 or isinstance(
+            run.strategy, (tf.distribute.MultiWorkerMirroredStrategy, tf.distribute.TPUStrategy)),
+        outside_groups=feature_cache.trained_outside_groups(loaded.model, loaded.layer_groups))
+    logging.info("feature cache %s: %s", "on" if on else "off", reason)
+    if not on:
+        return feature_cache.CachedFeatures(on, reason)
+    with run.strategy.scope():
+        features = builders.features_model(model, heads)
+        head = builders.head_model(model, heads)
+        builders.compile_for_heads(head, heads, model.optimizer, jit_compile=cfg.distribute.jit_compile)
+    key = feature_cache.model_key(features, heads)
+    splits, infos = {}, {}
+    for name in ("train", "validation"):
+        split = getattr(labelled, name)
+        if split is None:
+            continue
+        splits[name], infos[name] = feature_cache.load_or_compute(
+            features, split, loaded.preprocessor, run.path(workdir.FEATURE_CACHE), key, name=name,
+            batch_size=eval_batch_size(cfg, run.replicas, split.num_examples), strategy=run.strategy,
+            verbose=keras_verbose(t.verbose))
+        info = infos[name]
+        logging.info("feature cache: %s features %s in %.1fs (%s)", name,
+                     "read" if info["source"] == "disk" else "computed", info["seconds"], info["path"])
+    source = dataclasses.replace(loaded, preprocessor=feature_cache.identity, modality=feature_cache.FEATURES)
+    return feature_cache.CachedFeatures(on, reason, head, dataclasses.replace(labelled, **splits), source, infos)

@@ -214,13 +214,28 @@ def pool_features(features, modality, pooling, padding_mask=None, name="pool"):
 
 
 def build_head(pooled, spec):
-    """Pooled features -> this head's output (logits / values, float32)."""
+    """Pooled features -> this head's output (logits / values, float32).
+
+    The layers are named as `head_layer_names(spec)` lists them, in order.
+    """
     x = pooled
     if spec.hidden_units:
         x = keras.layers.Dense(spec.hidden_units, activation="relu", name=f"{spec.name}_hidden")(x)
     if spec.dropout:
         x = keras.layers.Dropout(spec.dropout, name=f"{spec.name}_dropout")(x)
     return keras.layers.Dense(spec.num_classes, dtype="float32", name=spec.name)(x)
+
+
+def pool_layer_name(spec):
+    """The name of the layer whose output is `spec`'s pooled features (see `build_model`)."""
+    return f"{spec.name}_pool"
+
+
+def head_layer_names(spec):
+    """The layers `build_head` makes for `spec`, from the pooled features to the output."""
+    names = [f"{spec.name}_hidden"] if spec.hidden_units else []
+    names += [f"{spec.name}_dropout"] if spec.dropout else []
+    return names + [spec.name]
 
 
 def head_to_dict(head):

@@ -46,9 +46,11 @@ def main(argv):
             cfg, loaded, heads, steps * cfg.train.epochs, log_dir=run.path(workdir.LOGS))
     cache = experiment.data_cache(cfg, labelled, loaded, run.path(workdir.DATA_CACHE))
 
-    def pipelines(passes=None):
-        return experiment.pipelines(cfg, labelled, loaded, heads, global_batch, run.replicas, passes, cache)
+    def pipelines(passes=None):  # `data`, `source`: the raw data, or cached features (step 6)
+        plan = cache if data is labelled else experiment.FEATURES_IN_MEMORY
+        return experiment.pipelines(cfg, data, source, heads, global_batch, run.replicas, passes, plan)
 
+    data, source = labelled, loaded
     val_ds = pipelines()[1]
 
     # 5. The resolved config marks the work dir as ours (chief); the k-shot draw.
@@ -57,26 +59,32 @@ def main(argv):
               f"examples, global batch {global_batch}, {steps} steps per epoch")
     experiment.write_train_ids(cfg, run, labelled)
 
-    # 6. Fit (resumes from W/backup/ after a kill).
-    statistics_before_fit = bn_stats.snapshot(model)
-    result = run.fit(model, None, val_ds, steps,
+    # 6. train.cache_features: a frozen backbone runs once; the head model trains on its features.
+    features, trained = experiment.cached_features(cfg, run, model, loaded, labelled, heads), model
+    if features.on:
+        trained, data, source = features.head_model, features.labelled, features.source
+        val_ds = pipelines()[1]
+
+    # 7. Fit (resumes from W/backup/ after a kill).
+    statistics_before_fit = bn_stats.snapshot(trained)
+    result = run.fit(trained, None, val_ds, steps,
                      experiment.train_callbacks(cfg, unfreezing, val_ds is not None, val_ds, heads),
                      monitor=experiment.monitor(cfg, val_ds is not None),
                      train_stream=lambda first, end: pipelines((first, end))[0],
                      batches_per_pass=experiment.steps_per_epoch(
                          cfg, labelled.train.num_examples, global_batch, run.replicas, one_pass=True))
 
-    # 7. The weights that ship: train.keep, BatchNorm statistics that match them.
-    shipped = experiment.finish_training(cfg, run, model, statistics_before_fit, labelled.train,
-                                         loaded.preprocessor, loaded.modality, heads, val_ds)
+    # 8. The weights that ship: train.keep, BatchNorm statistics that match them.
+    shipped = experiment.finish_training(cfg, run, trained, statistics_before_fit, data.train,
+                                         source.preprocessor, source.modality, heads, val_ds)
 
-    # 8. Evaluate, save, export; metrics.json last (it marks completion).
+    # 9. Evaluate, save and export the full model; metrics.json last (it marks completion).
     metrics = {**result.summary(), **shipped, **experiment.run_summary(cfg, global_batch),
                "num_train_examples": labelled.train.num_examples, "backbone": loaded.description,
-               "data_cache": cache.summary()}
+               "data_cache": cache.summary(), "feature_cache": features.report}
     if val_ds is not None:
         metrics["validation"] = {
-            k: float(v) for k, v in model.evaluate(val_ds, return_dict=True, verbose=0).items()}
+            k: float(v) for k, v in trained.evaluate(val_ds, return_dict=True, verbose=0).items()}
         metrics["num_validation_examples"] = labelled.validation.num_examples
     metrics["heads"] = experiment.per_head(metrics, heads)
     run.save_model(model)

@@ -13,7 +13,10 @@
                       W/export_token_ids/<N>/: core-ops-only twin)
     W/tflite/<N>/     TFLite exports (`python -m tftransfer.export --format=tflite`)
     W/report/         `python -m tftransfer.evaluate`: report.md, PNGs, metrics_<split>.json
-    W/cache/data/     data.cache disk: preprocessed examples, <split>-<key>/ (tftransfer.data.cache)
+    W/cache/          computed once, reused on resume: teacher outputs (distill.cache: disk),
+                      W/cache/data/<split>-<key>/ preprocessed examples (data.cache: disk,
+                      tftransfer.data.cache), W/cache/features/<key>/<split>.npz pooled
+                      backbone features (train.cache_features)
     W/lora/           LoRA runs: adapters + heads, base named and hashed (tftransfer.lora)
     W/metrics.json    written last: its presence means the run finished
 
@@ -49,6 +52,7 @@ LORA = "lora"
 ENSEMBLE = "ensemble.json"
 CACHE = "cache"
 DATA_CACHE = os.path.join(CACHE, "data")
+FEATURE_CACHE = os.path.join(CACHE, "features")
 RUN_OUTPUTS = (CONFIG, METRICS, BACKUP, CHECKPOINTS, LOGS, EXPORT, MODEL, BACKBONE_PRESET,
                PREPROCESSOR, HEADS, HISTORY, TRAIN_IDS, "export_token_ids", "tflite", REPORT, CACHE, LORA)
 

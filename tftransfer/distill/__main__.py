@@ -20,7 +20,7 @@ import os
 
 from absl import flags
 
-from tftransfer import cli
+from tftransfer import cli, workdir
 
 FLAGS = flags.FLAGS
 cli.define_run_flags(
@@ -29,7 +29,7 @@ cli.define_run_flags(
     workdir_help="Work directory for the student: config, logs, cache, metrics, export.",
 )
 
-CACHE_DIR = "cache"
+CACHE_DIR = workdir.CACHE
 
 
 def main(argv):

@@ -18,13 +18,12 @@ Augmenting pipelines must not use a cache (the teacher would see other
 inputs than the student).
 """
 
-import hashlib
-import json
 import os
 
 import numpy as np
 import tensorflow as tf
 
+from tftransfer.data.array_cache import digest, preprocessed_inputs, read_arrays, write_arrays
 from tftransfer.data.pipeline import preprocess
 from tftransfer.distill.distiller import STUDENT_INPUTS, TEACHER_OUTPUTS
 from tftransfer import workdir
@@ -49,10 +48,7 @@ def teacher_outputs(distiller, split, preprocessor, modality, batch_size=64):
         nested dict of numpy arrays with `split.num_examples` rows:
         `{"final_output": {head: logits}, <hint layer>: features}`.
     """
-    ds = split.dataset.map(lambda x, y: x).batch(batch_size)
-    # A sentence pair arrives as two arguments (tf.data unpacks tuples).
-    ds = ds.map(lambda *x: preprocess(preprocessor, x[0] if len(x) == 1 else x),
-                num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    ds = preprocessed_inputs(split, preprocessor, batch_size)
     from tftransfer.progress import keras_verbose
 
     # Progress: a bar on a terminal, one line when done in a log (the teacher
@@ -124,8 +120,7 @@ def fingerprint(teacher_paths, **details):
         model = os.path.join(path, workdir.MODEL) if os.path.isdir(path) else path
         stat = os.stat(model)
         parts.append([os.path.abspath(model), stat.st_size, int(stat.st_mtime_ns)])
-    text = json.dumps({"teacher": parts, **details}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return digest(teacher=parts, **details)
 
 
 def load_or_compute(distiller, split, preprocessor, modality, mode="memory", cache_dir=None,
@@ -157,7 +152,7 @@ def load_or_compute(distiller, split, preprocessor, modality, mode="memory", cac
         path = os.path.join(cache_dir, f"teacher_{name}_{key}.npz")
         if os.path.isfile(path):
             start = time.perf_counter()
-            outputs = _read_npz(path)
+            outputs = read_arrays(path)
             rows = {len(a) for a in tf.nest.flatten(outputs)}
             if rows == {split.num_examples}:
                 return outputs, {"source": "disk", "seconds": time.perf_counter() - start, "path": path}
@@ -165,35 +160,5 @@ def load_or_compute(distiller, split, preprocessor, modality, mode="memory", cac
     outputs = teacher_outputs(distiller, split, preprocessor, modality, batch_size)
     seconds = time.perf_counter() - start
     if path:
-        _write_npz(path, outputs)
+        write_arrays(path, outputs)
     return outputs, {"source": "computed", "seconds": seconds, "path": path}
-
-
-def _flatten(outputs, prefix=""):
-    flat = {}
-    for key, value in outputs.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "/"))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _write_npz(path, outputs):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **_flatten(outputs))
-    os.replace(tmp, path)
-
-
-def _read_npz(path):
-    outputs = {}
-    with np.load(path) as data:
-        for name in data.files:
-            node = outputs
-            *parents, leaf = name.split("/")
-            for parent in parents:
-                node = node.setdefault(parent, {})
-            node[leaf] = data[name]
-    return outputs
