@@ -26,7 +26,7 @@ quickstart: env
 	$(PY) tools/quickstart.py --workdir=runs/quickstart
 
 test: env
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs

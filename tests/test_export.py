@@ -517,3 +517,31 @@ def test_tflite_rejects_unknown_quantisation(image, tmp_path):
     with pytest.raises(UserError, match="--quantize must be one of none, float16, dynamic_range, int8"):
         export_tflite(image["model"], image["loaded"].preprocessor, "image", image["heads"], str(tmp_path),
                       quantize="int4")
+
+
+def test_next_export_removes_what_a_killed_export_left(tmp_path):
+    """SIGKILL skips the roll-back: the next export into the base removes a
+    dead process's temporary version and restores a version it had moved
+    aside; a live export's temporaries stay."""
+    import socket
+
+    base = tmp_path / "export"
+    base.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = base / f"{saved_model_lib.TMP_PREFIX}{dead.pid}@{host}@4@abc"
+    (stale / "variables").mkdir(parents=True)
+    moved = base / f"{saved_model_lib.OLD_PREFIX}{dead.pid}@{host}@3@def"
+    (moved / "v").mkdir(parents=True)
+    (moved / "v" / "saved_model.pb").write_text("version 3")
+    live = base / f"{saved_model_lib.TMP_PREFIX}{os.getpid()}@{host}@5@ghi"
+    live.mkdir()
+    foreign = base / f"{saved_model_lib.TMP_PREFIX}{dead.pid}@another-host@6@jkl"
+    foreign.mkdir()
+
+    finals = saved_model_lib.write_versions(
+        [str(base)], 7, False, {str(base): lambda d: open(os.path.join(d, "saved_model.pb"), "w").close()})
+    assert finals == [str(base / "7")]
+    assert sorted(os.listdir(base)) == sorted(["3", "7", live.name, foreign.name])
+    assert (base / "3" / "saved_model.pb").read_text() == "version 3"

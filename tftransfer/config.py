@@ -210,7 +210,12 @@ class DataConfig:
     eval_batch_size: Optional[int] = None
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     shuffle_buffer: int = 2048
-    cache: bool = True
+    # Preprocessed examples: auto (memory when the estimate fits
+    # cache_memory_budget_mb, else disk), memory (true), disk (W/cache/data/,
+    # keyed by data and preprocessing), false. See tftransfer.data.cache.
+    cache: Union[bool, str] = "auto"
+    # auto's memory budget in MB; null: half the available RAM.
+    cache_memory_budget_mb: Optional[float] = None
     # Image folders: decode every file once up front so a bad file is named.
     validate_images: bool = True
     # Image folders: leave out (and count) files that do not decode, instead of failing.
@@ -220,6 +225,12 @@ class DataConfig:
 
     def validate(self, path):
         _one_of(f"{path}.source", self.source, DATA_SOURCES)
+        from tftransfer.data.cache import CACHE_MODES, setting  # noqa: E402  (owned there)
+
+        _one_of(f"{path}.cache", setting(self.cache), CACHE_MODES)
+        if self.cache_memory_budget_mb is not None and not self.cache_memory_budget_mb > 0:
+            raise UserError(f"{path}.cache_memory_budget_mb must be > 0 (or null: half the available RAM). "
+                            f"Received: {self.cache_memory_budget_mb}.")
         if self.source == "tfds" and not self.name:
             raise UserError(f"{path}.name is required for source tfds (e.g. tf_flowers).")
         if self.source in ("image_folder", "csv", "jsonl") and not self.train_path:

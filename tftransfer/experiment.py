@@ -219,9 +219,45 @@ def eval_batch_size(cfg, replicas, num_examples=None):
         raise UserError(f"data: the evaluation split: {e}; use fewer replicas or more data.")
 
 
-def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1, passes=None):
-    """(train, validation) datasets; `passes`: see `tftransfer.data.make_pipeline`."""
+def data_cache(cfg, labelled, loaded, cache_dir=None):
+    """`data.cache` decided for the training and validation splits together
+    (`tftransfer.data.cache.CachePlan`), logged in one line.
+
+    cache_dir: str. This process's `W/cache/data` (`run.path(workdir.DATA_CACHE)`),
+    or None (no disk cache: auto chooses memory or none).
+    """
+    from absl import logging
+
+    from tftransfer.data import cache as cache_lib
+
     d = cfg.data
+    estimate = 0
+    if cache_lib.setting(d.cache) == "auto":
+        estimate = sum(cache_lib.estimate_bytes(s, loaded.preprocessor, loaded.modality)
+                       for s in (labelled.train, labelled.validation) if s is not None)
+    try:
+        plan = cache_lib.plan(d.cache, estimate, d.cache_memory_budget_mb, cache_dir)
+    except ValueError as e:
+        raise UserError(str(e))
+    logging.info("data.cache=%s: %s (%s)", cache_lib.setting(d.cache), plan.mode, plan.reason)
+    return plan
+
+
+def _features_in_memory():
+    from tftransfer.data import cache as cache_lib
+
+    return cache_lib.CachePlan("memory", reason="pooled backbone features (train.cache_features)")
+
+
+# The pipelines' cache plan when the head trains on cached features (small, in RAM already).
+FEATURES_IN_MEMORY = _features_in_memory()
+
+
+def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1, passes=None, cache=None):
+    """(train, validation) datasets; `passes`: see `tftransfer.data.make_pipeline`;
+    `cache`: a `data_cache` plan (None: `data.cache` without a disk directory)."""
+    d = cfg.data
+    cache = cache or data_cache(cfg, labelled, loaded)
     augment = []
     if d.augment.enabled:
         if loaded.modality != "image":
@@ -231,16 +267,17 @@ def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1, passes=Non
     tpu = cfg.distribute.strategy == "tpu"
     train = data_lib.make_pipeline(
         labelled.train, loaded.preprocessor, loaded.modality, heads, global_batch,
-        training=True, shuffle_buffer=d.shuffle_buffer, cache=d.cache, seed=cfg.train.seed,
+        training=True, shuffle_buffer=d.shuffle_buffer, cache=cache.mode, seed=cfg.train.seed,
         drop_remainder=drop_remainder(cfg, labelled.train.num_examples, global_batch, replicas),
-        augment=augment, passes=passes,
+        augment=augment, passes=passes, cache_dir=cache.directory, cache_role="train",
     )
     val = None
     if labelled.validation is not None:
         n = labelled.validation.num_examples
         val = data_lib.make_pipeline(
             labelled.validation, loaded.preprocessor, loaded.modality, heads,
-            eval_batch_size(cfg, replicas, n), training=False, cache=d.cache, drop_remainder=tpu,
+            eval_batch_size(cfg, replicas, n), training=False, cache=cache.mode, drop_remainder=tpu,
+            cache_dir=cache.directory, cache_role="validation",
         )
     return train, val
 

@@ -44,8 +44,11 @@ def main(argv):
         experiment.check_modality(cfg, loaded, labelled)
         model, unfreezing = experiment.transfer_model(
             cfg, loaded, heads, steps * cfg.train.epochs, log_dir=run.path(workdir.LOGS))
+    cache = experiment.data_cache(cfg, labelled, loaded, run.path(workdir.DATA_CACHE))
+
     def pipelines(passes=None):  # `data`, `source`: the raw data, or cached features (step 6)
-        return experiment.pipelines(cfg, data, source, heads, global_batch, run.replicas, passes)
+        plan = cache if data is labelled else experiment.FEATURES_IN_MEMORY
+        return experiment.pipelines(cfg, data, source, heads, global_batch, run.replicas, passes, plan)
 
     data, source = labelled, loaded
     val_ds = pipelines()[1]
@@ -79,7 +82,7 @@ def main(argv):
     # 9. Evaluate, save and export the full model; metrics.json last (it marks completion).
     metrics = {**result.summary(), **shipped, **experiment.run_summary(cfg, global_batch),
                "num_train_examples": labelled.train.num_examples, "backbone": loaded.description,
-               "feature_cache": features.report}
+               "data_cache": cache.summary(), "feature_cache": features.report}
     if val_ds is not None:
         metrics["validation"] = {
             k: float(v) for k, v in trained.evaluate(val_ds, return_dict=True, verbose=0).items()}

@@ -13,9 +13,11 @@
                       W/export_token_ids/<N>/: core-ops-only twin)
     W/tflite/<N>/     TFLite exports (`python -m tftransfer.export --format=tflite`)
     W/report/         `python -m tftransfer.evaluate`: report.md, PNGs, metrics_<split>.json
-    W/lora/           LoRA runs: adapters + heads, base named and hashed (tftransfer.lora)
     W/cache/          computed once, reused on resume: teacher outputs (distill.cache: disk),
-                      W/cache/features/<key>/<split>.npz pooled backbone features (train.cache_features)
+                      W/cache/data/<split>-<key>/ preprocessed examples (data.cache: disk,
+                      tftransfer.data.cache), W/cache/features/<key>/<split>.npz pooled
+                      backbone features (train.cache_features)
+    W/lora/           LoRA runs: adapters + heads, base named and hashed (tftransfer.lora)
     W/metrics.json    written last: its presence means the run finished
 
 An ensemble dir (`python -m tftransfer.export --workdir=E --ensemble=W1,W2`)
@@ -49,6 +51,7 @@ REPORT = "report"
 LORA = "lora"
 ENSEMBLE = "ensemble.json"
 CACHE = "cache"
+DATA_CACHE = os.path.join(CACHE, "data")
 FEATURE_CACHE = os.path.join(CACHE, "features")
 RUN_OUTPUTS = (CONFIG, METRICS, BACKUP, CHECKPOINTS, LOGS, EXPORT, MODEL, BACKBONE_PRESET,
                PREPROCESSOR, HEADS, HISTORY, TRAIN_IDS, "export_token_ids", "tflite", REPORT, CACHE, LORA)

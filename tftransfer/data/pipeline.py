@@ -2,12 +2,15 @@
 
 Preprocessing runs here, on the host, in parallel and ahead of the
 accelerator (prefetch), so the train step only sees ready tensors. Images
-are decoded/resized/normalised once and cached; text is tokenised once per
-example and cached (or per batch, in parallel, when `cache=False`); shuffling
-and batching come after the cache, so each epoch sees new batches.
+are decoded/resized/normalised once and cached (in memory or on disk, see
+`tftransfer.data.cache`); text is tokenised once per example and cached (or
+per batch, in parallel, when `cache=False`); shuffling and batching come
+after the cache, so each epoch sees new batches.
 """
 
 import tensorflow as tf
+
+from tftransfer.data import cache as cache_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -45,7 +48,7 @@ def augmentation_layers(flip=None, translate=0.0, rotate=0.0, zoom=0.0, seed=0):
 
 def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
                   training=False, shuffle_buffer=2048, cache=True, seed=0,
-                  drop_remainder=False, augment=(), passes=None):
+                  drop_remainder=False, augment=(), passes=None, cache_dir=None, cache_role="train"):
     """Batched `(model_input, {head_name: label})` for `model.fit`; multi-task
     splits (labels keyed by head name) give `(model_input, labels, sample_weights)`
     with weight 0 where a head's label is missing (see `unmask`).
@@ -60,12 +63,17 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
         global_batch_size: int. Per-replica batch x replicas in sync.
         training: bool. Shuffle (reshuffled every epoch) when True.
         shuffle_buffer: int. Shuffle buffer size.
-        cache: bool. Cache preprocessed images in memory.
+        cache: bool or str. `tftransfer.data.cache.CACHE_MODES`: memory
+            (True), disk (under `cache_dir`), false (False), or auto
+            (memory when the estimated size fits the default budget, else
+            disk when `cache_dir` is given, else none).
         seed: int. Shuffle seed.
         drop_remainder: bool. Static batch shape (TPU).
         augment: list of Keras random layers applied to each training image
             batch after the cache (see `augmentation_layers`), so every epoch
             sees new variants. Images only.
+        cache_dir: str or None. Disk caches' directory (`W/cache/data`).
+        cache_role: str. The split's name in the disk cache's path.
         passes: `(first, end)` or None. Training only: the passes
             `first..end-1` over the data back to back, pass `p` shuffled with
             its own seed (derived from `seed` and `p`), so a run resumed at
@@ -104,17 +112,15 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
             targets[h.name] = tf.one_hot(label, h.num_classes) if h.one_hot_labels else label
         return x, targets, weights
 
-    if modality == "image":
-        ds = ds.map(lambda x, y: (preprocess(preprocessor, x), y), num_parallel_calls=AUTOTUNE)
-        if cache:
-            ds = ds.cache()
-        ds = shuffle_and_batch(ds)
-    elif cache:
-        # Tokenise each example once, then cache: later epochs only shuffle
-        # and batch ready token ids (tokenising costs as much as a small
-        # BERT's forward pass on CPU).
-        ds = ds.map(lambda x, y: (preprocess(preprocessor, x), y), num_parallel_calls=AUTOTUNE).cache()
-        ds = shuffle_and_batch(ds)
+    mode = cache_lib.setting(cache)
+    if mode == "auto":
+        mode = cache_lib.plan(mode, cache_lib.estimate_bytes(split, preprocessor, modality),
+                              directory=cache_dir).mode
+    if modality == "image" or mode != "false":
+        # Preprocess each example once, then cache (text: tokenising costs as
+        # much as a small BERT's forward pass on CPU): later epochs only
+        # shuffle and batch ready inputs.
+        ds = shuffle_and_batch(cache_lib.cached(ds, preprocessor, modality, mode, cache_dir, cache_role, split))
     else:
         # No cache (data larger than memory): tokenise whole batches, in parallel.
         ds = shuffle_and_batch(ds)

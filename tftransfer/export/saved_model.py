@@ -29,7 +29,10 @@ Atomicity: each version is written to a temporary directory inside its
 export base (same filesystem; name `.tmp-export-*`, never all digits, so TF
 Serving ignores it) and renamed into place, so a server polling the base
 never sees a partial version. A failed export leaves neither a version nor a
-temporary directory behind.
+temporary directory behind. A killed one (SIGKILL skips the roll-back) can:
+its temporary directories name their process and host, and the next export
+into the same base removes those whose process is gone (restoring a version
+it had moved aside).
 """
 
 import datetime
@@ -37,6 +40,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
 
 import keras
@@ -534,11 +538,13 @@ def write_versions(export_bases, version, overwrite, writers):
         if os.path.exists(final) and not overwrite:
             raise UserError(f"export version {final!r} exists; pass --overwrite or another --version.")
 
+    for base in export_bases:
+        remove_stale_temporaries(base)
     temps, published, replaced = [], [], []
     try:
         for base in export_bases:
             try:
-                temps.append(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=base))
+                temps.append(tempfile.mkdtemp(prefix=_temporary_prefix(TMP_PREFIX, version), dir=base))
                 # mkdtemp makes 0700; the server may run as another user.
                 os.chmod(temps[-1], 0o755)
             except PermissionError as e:
@@ -546,7 +552,7 @@ def write_versions(export_bases, version, overwrite, writers):
             writers[base](temps[-1])
         for tmp, final in zip(temps, finals):
             if os.path.exists(final):
-                old = tempfile.mkdtemp(prefix=OLD_PREFIX, dir=os.path.dirname(final))
+                old = tempfile.mkdtemp(prefix=_temporary_prefix(OLD_PREFIX, version), dir=os.path.dirname(final))
                 os.rename(final, os.path.join(old, "v"))
                 replaced.append((old, final))
             try:
@@ -565,6 +571,47 @@ def write_versions(export_bases, version, overwrite, writers):
     for old, _ in replaced:
         shutil.rmtree(old, ignore_errors=True)
     return finals
+
+
+def _temporary_prefix(kind, version):
+    # `<kind><pid>@<host>@<version>@<random>`: enough for a later export to
+    # tell a dead process's leftovers from a running export's.
+    return f"{kind}{os.getpid()}@{socket.gethostname()}@{version}@"
+
+
+def remove_stale_temporaries(export_base):
+    """Remove what killed exports on this host left in `export_base`.
+
+    A `.tmp-export-*` directory of a process that no longer runs is removed;
+    a `.tmp-replaced-*` one holds a version that export had moved aside, so
+    it is renamed back when that version is missing, else removed.
+    Temporaries of live processes, other hosts (a shared filesystem) or an
+    unknown naming are left alone.
+    """
+    host = socket.gethostname()
+    for name in os.listdir(export_base):
+        kind = next((k for k in (TMP_PREFIX, OLD_PREFIX) if name.startswith(k)), None)
+        if kind is None:
+            continue
+        fields = name[len(kind):].split("@")
+        if len(fields) != 4 or not fields[0].isdigit() or fields[1] != host or _process_alive(int(fields[0])):
+            continue
+        path = os.path.join(export_base, name)
+        final = os.path.join(export_base, fields[2])
+        if kind == OLD_PREFIX and fields[2].isdigit() and os.path.isdir(os.path.join(path, "v")) \
+                and not os.path.exists(final):
+            os.rename(os.path.join(path, "v"), final)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _roll_back(temps, published, replaced):
