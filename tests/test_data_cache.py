@@ -162,3 +162,37 @@ export: {{saved_model: false}}
     data_dir = W / workdir.DATA_CACHE
     assert glob.glob(str(data_dir / "train-*" / "cache.index")), os.listdir(data_dir)
     assert glob.glob(str(data_dir / "validation-*" / "cache.index")), os.listdir(data_dir)
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_evaluation_cache_is_complete_before_any_consumer_reads_it(tmp_path, mode):
+    # Validation is read by Keras' evaluate and by ValidationReport in the same
+    # epoch; an iterator that starts on a partly written tf.data cache can read
+    # a truncated split (validation metrics then came from 77, 217 or 237 of
+    # 237 examples from run to run). The evaluation pipeline fills its cache in
+    # one pass when it is built: the source is read exactly once, then never.
+    reads = tf.Variable(0, dtype=tf.int64)
+
+    def count(x, y):
+        reads.assign_add(1)
+        return x, y
+
+    n = 12
+    source = tf.data.Dataset.from_tensor_slices(
+        (tf.reshape(tf.range(n * 3, dtype=tf.float32), (n, 3)), tf.range(n) % 2)).map(count)
+    from tftransfer.data.sources import Split
+
+    split = Split(source, n)
+    heads = [HeadSpec(name="label", type="classification", num_classes=2)]
+    ds = make_pipeline(split, lambda x: x, "text", heads, 5, cache=mode,
+                       cache_dir=str(tmp_path / "cache"), cache_role="validation")
+    assert int(reads.numpy()) == n  # filled while building
+    partial = iter(ds)
+    next(partial)  # a consumer that stops early, still alive
+    assert sum(len(y["label"]) for _, y in ds) == n
+    assert sum(len(y["label"]) for _, y in ds) == n
+    assert int(reads.numpy()) == n  # every later pass read the cache
+    train = make_pipeline(split, lambda x: x, "text", heads, 5, training=True, cache=mode,
+                          cache_dir=str(tmp_path / "cache"), cache_role="train")
+    assert int(reads.numpy()) == n  # training caches as it goes (its first epoch fills it)
+    assert sum(len(y["label"]) for _, y in train) == n

@@ -120,7 +120,8 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
         # Preprocess each example once, then cache (text: tokenising costs as
         # much as a small BERT's forward pass on CPU): later epochs only
         # shuffle and batch ready inputs.
-        ds = shuffle_and_batch(cache_lib.cached(ds, preprocessor, modality, mode, cache_dir, cache_role, split))
+        ds = shuffle_and_batch(cache_lib.cached(ds, preprocessor, modality, mode, cache_dir, cache_role,
+                                                split, fill=not training))
     else:
         # No cache (data larger than memory): tokenise whole batches, in parallel.
         ds = shuffle_and_batch(ds)
