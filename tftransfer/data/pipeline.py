@@ -46,9 +46,16 @@ def augmentation_layers(flip=None, translate=0.0, rotate=0.0, zoom=0.0, seed=0):
     return layers
 
 
+# With `teacher_outputs`, `x` is `{STUDENT_INPUTS: inputs, TEACHER_OUTPUTS: outputs}`
+# (what `tftransfer.distill.Distiller` unpacks).
+STUDENT_INPUTS = "student_inputs"
+TEACHER_OUTPUTS = "teacher_outputs"
+
+
 def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
                   training=False, shuffle_buffer=2048, cache=True, seed=0,
-                  drop_remainder=False, augment=(), passes=None, cache_dir=None, cache_role="train"):
+                  drop_remainder=False, augment=(), passes=None, cache_dir=None, cache_role="train",
+                  teacher_outputs=None):
     """Batched `(model_input, {head_name: label})` for `model.fit`; multi-task
     splits (labels keyed by head name) give `(model_input, labels, sample_weights)`
     with weight 0 where a head's label is missing (see `unmask`).
@@ -81,8 +88,17 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
             (a reshuffling `shuffle` draws each pass's order from the number
             of iterators made so far, which Keras' `fit` varies). None: one
             pass, reshuffled at each iteration.
+        teacher_outputs: nested dict of arrays with one row per example of
+            `split`, in order (`tftransfer.distill.teacher_outputs`), or
+            None. Given: each example carries its row through the same
+            cache, shuffle and batching, and `x` becomes
+            `{STUDENT_INPUTS: x, TEACHER_OUTPUTS: row}` (distillation from
+            cached teacher outputs).
     """
     ds = split.dataset
+    if teacher_outputs is not None:  # The rows ride with the labels: y = (label, row).
+        rows = tf.data.Dataset.from_tensor_slices(teacher_outputs)
+        ds = tf.data.Dataset.zip((ds, rows)).map(lambda xy, row: (xy[0], (xy[1], row)))
     buffer = min(shuffle_buffer, max(split.num_examples, 1))
 
     def shuffle_and_batch(ds):
@@ -104,6 +120,9 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
         return augment_batches(batches, augment, pass_seed, rerandomize)
 
     def to_targets(x, y):
+        if teacher_outputs is not None:
+            y, row = y
+            x = {STUDENT_INPUTS: x, TEACHER_OUTPUTS: row}
         if not isinstance(y, dict):  # one label: every head receives it
             return x, {h.name: tf.one_hot(y, h.num_classes) if h.one_hot_labels else y for h in heads}
         targets, weights = {}, {}

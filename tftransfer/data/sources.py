@@ -414,10 +414,12 @@ def _read_rows(fmt, path, text_key, label_key, where):
     """`(inputs, labels)`: inputs are strings, or `(first, second)` tuples for two text keys.
 
     label_key: a tuple of keys for multi-task data: each row's label is then a
-    tuple, None where the cell is empty or the JSONL key absent / null.
+    tuple, None where the cell is empty or the JSONL key absent / null. None:
+    unlabelled text (labels returned as None).
     """
     text_keys = [text_key] if isinstance(text_key, str) else list(text_key)
     tasks = label_key if isinstance(label_key, tuple) else None
+    label_keys = tasks or (() if label_key is None else (label_key,))
     if not os.path.isfile(path):
         raise UserError(f"{where} {path!r}: no such file.")
     with open(path, "rb") as f:
@@ -434,7 +436,7 @@ def _read_rows(fmt, path, text_key, label_key, where):
     with io.StringIO(content, newline="") as f:
         if fmt == "csv":
             reader = csv.DictReader(f)
-            missing = [k for k in (*text_keys, *(tasks or (label_key,))) if k not in (reader.fieldnames or [])]
+            missing = [k for k in (*text_keys, *label_keys) if k not in (reader.fieldnames or [])]
             if missing:
                 raise UserError(
                     f"{where} {path!r}: no column {missing[0]!r}; columns are "
@@ -449,14 +451,14 @@ def _read_rows(fmt, path, text_key, label_key, where):
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{where} {path!r} line {n}: not valid JSON ({e.msg}).")
-                for k in (*text_keys,) if tasks else (*text_keys, label_key):
+                for k in (*text_keys,) if tasks else (*text_keys, *label_keys):
                     if k not in row:
                         raise UserError(f"{where} {path!r} line {n}: no key {k!r}.")
                 rows.append(row)
     if not rows:
         raise UserError(f"{where} {path!r} holds no examples.")
     for n, r in enumerate(rows, 1):
-        if tasks is None and _label_or_none(r[label_key]) is None:
+        if tasks is None and label_key is not None and _label_or_none(r[label_key]) is None:
             raise UserError(
                 f"{where} {path!r} example {n}: no label in {label_key!r}; label it or remove the row."
             )
@@ -469,7 +471,32 @@ def _read_rows(fmt, path, text_key, label_key, where):
         inputs = [str(r[text_key]) for r in rows]
     if tasks:
         return inputs, [tuple(_label_or_none(r.get(k)) for k in tasks) for r in rows]
-    return inputs, [r[label_key] for r in rows]
+    return inputs, None if label_key is None else [r[label_key] for r in rows]
+
+
+def read_texts(path, text_key="text", where="data.train_path"):
+    """Unlabelled texts from `.txt` (one per non-empty line), `.csv` (column
+    `text_key`) or `.jsonl` (key `text_key`): the transfer sets of
+    distillation and the corpora of domain-adaptive pretraining. CSV/JSONL
+    go through the labelled sources' reader (same encoding checks, same
+    errors).
+
+    Raises:
+        UserError: a missing, empty or non-UTF-8 file, or a missing column/key,
+            naming `where` and the path.
+    """
+    if path.endswith((".csv", ".jsonl")):
+        return _read_rows(path.rsplit(".", 1)[1], path, text_key, None, where)[0]
+    if not os.path.isfile(path):
+        raise UserError(f"{where} {path!r}: no such file; pass a .txt, .csv or .jsonl file of unlabelled text.")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            texts = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"{where} {path!r}: not UTF-8 text; re-save the file as UTF-8.")
+    if not texts:
+        raise UserError(f"{where} {path!r} holds no examples.")
+    return texts
 
 
 def _label_or_none(value):

@@ -219,10 +219,12 @@ def _pipelines(cfg, run, labelled, train_split, loaded, heads, distiller, global
 
     dcfg = cfg.distill
     cache_info = {"mode": dcfg.cache}
+    data = dataclasses.replace(labelled, train=train_split)
+    plan = experiment.data_cache(cfg, data, loaded, run.path(workdir.DATA_CACHE))
     if dcfg.cache == "none":
         # The teacher runs on every (possibly augmented) training batch.
-        def make(data=dataclasses.replace(labelled, train=train_split)):
-            return experiment.pipelines(cfg, data, loaded, heads, global_batch, run.replicas)
+        def make():
+            return experiment.pipelines(cfg, data, loaded, heads, global_batch, run.replicas, cache=plan)
 
         return lambda: make()[0], make()[1], cache_info
     raw = config_lib.to_dict(cfg)
@@ -235,8 +237,8 @@ def _pipelines(cfg, run, labelled, train_split, loaded, heads, distiller, global
     def pipeline(name, split, outputs, batch, drop):
         return cache_lib.cached_pipeline(
             split, outputs, loaded.preprocessor, loaded.modality, heads, batch, training=name == "train",
-            shuffle_buffer=cfg.data.shuffle_buffer, cache=cfg.data.cache, seed=cfg.train.seed,
-            drop_remainder=drop,
+            shuffle_buffer=cfg.data.shuffle_buffer, cache=plan.mode, cache_dir=plan.directory,
+            cache_role=name, seed=cfg.train.seed, drop_remainder=drop,
         )
 
     for name, split in {"train": train_split, "validation": labelled.validation}.items():

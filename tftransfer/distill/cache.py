@@ -3,8 +3,9 @@
 When the transfer set is not augmented, the teacher's outputs for an
 example never change (the teacher is frozen and runs in inference mode), so
 running it at every step of every epoch is waste. `teacher_outputs`
-computes them once, in the split's order; `cached_pipeline` pairs each
-example with its outputs *before* shuffling (so pairs stay aligned) and
+computes them once, in the split's order; `cached_pipeline` (the one
+pipeline builder, `make_pipeline(teacher_outputs=...)`) pairs each
+example with its outputs *before* caching and shuffling (so pairs stay aligned) and
 yields `({"student_inputs": x, "teacher_outputs": t}, {head: label})`,
 which `tftransfer.distill.Distiller` reads instead of calling the teacher.
 With the same seed the batches come in the same order as
@@ -24,12 +25,10 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer.data.array_cache import digest, preprocessed_inputs, read_arrays, write_arrays
-from tftransfer.data.pipeline import preprocess
-from tftransfer.distill.distiller import STUDENT_INPUTS, TEACHER_OUTPUTS
+from tftransfer.data.pipeline import make_pipeline
 from tftransfer import workdir
 from tftransfer.errors import UserError
 
-AUTOTUNE = tf.data.AUTOTUNE
 CACHE_MODES = ("none", "memory", "disk")
 
 
@@ -64,47 +63,22 @@ def teacher_outputs(distiller, split, preprocessor, modality, batch_size=64):
     return outputs
 
 
-def cached_pipeline(split, outputs, preprocessor, modality, heads, global_batch_size,
-                    training=False, shuffle_buffer=2048, cache=True, seed=0, drop_remainder=False):
-    """Like `tftransfer.data.make_pipeline`, with the teacher's outputs in `x`.
+def cached_pipeline(split, outputs, preprocessor, modality, heads, global_batch_size, **kwargs):
+    """`tftransfer.data.make_pipeline` with the teacher's outputs in `x`.
 
     Args:
         split: `tftransfer.data.Split`.
         outputs: nested dict of arrays from `teacher_outputs` (same order).
-        preprocessor, modality, heads, global_batch_size, training,
-            shuffle_buffer, cache, seed, drop_remainder: as for
-            `make_pipeline` (same order of operations, so the same seed
-            gives the same batches).
+        preprocessor, modality, heads, global_batch_size, **kwargs: as for
+            `make_pipeline` (one builder: the same seed gives the same
+            batches with and without teacher outputs).
 
     Returns:
         tf.data.Dataset of `({"student_inputs": x, "teacher_outputs": t},
         {head: label})`.
     """
-    teacher = tf.data.Dataset.from_tensor_slices(outputs)
-    ds = tf.data.Dataset.zip((split.dataset, teacher)).map(lambda xy, t: (xy[0], xy[1], t))
-
-    def to_targets(y):
-        return {h.name: tf.one_hot(y, h.num_classes) if h.one_hot_labels else y for h in heads}
-
-    def shuffle(ds):
-        if not training:
-            return ds
-        return ds.shuffle(min(shuffle_buffer, max(split.num_examples, 1)), seed=seed,
-                          reshuffle_each_iteration=True)
-
-    if modality == "image" or cache:
-        # Preprocess (decode / tokenise) each example once, then cache.
-        ds = ds.map(lambda x, y, t: (preprocess(preprocessor, x), y, t), num_parallel_calls=AUTOTUNE)
-        if cache:
-            ds = ds.cache()
-        ds = shuffle(ds).batch(global_batch_size, drop_remainder=drop_remainder)
-    else:
-        # Text without a cache: tokenise whole batches, in parallel.
-        ds = shuffle(ds).batch(global_batch_size, drop_remainder=drop_remainder)
-        ds = ds.map(lambda x, y, t: (preprocess(preprocessor, x), y, t), num_parallel_calls=AUTOTUNE)
-    ds = ds.map(lambda x, y, t: ({STUDENT_INPUTS: x, TEACHER_OUTPUTS: t}, to_targets(y)),
-                num_parallel_calls=AUTOTUNE)
-    return ds.prefetch(AUTOTUNE)
+    return make_pipeline(split, preprocessor, modality, heads, global_batch_size,
+                         teacher_outputs=outputs, **kwargs)
 
 
 def fingerprint(teacher_paths, **details):

@@ -28,10 +28,9 @@ What it lacks, and the minimum added here (each marked `# Why:` below):
 import keras
 
 from tftransfer import losses as losses_lib
+from tftransfer.data.pipeline import STUDENT_INPUTS, TEACHER_OUTPUTS  # noqa: F401 (re-exported)
 from tftransfer.errors import UserError
 
-STUDENT_INPUTS = "student_inputs"
-TEACHER_OUTPUTS = "teacher_outputs"
 FINAL_OUTPUT = "final_output"  # Keras' key for a model's own outputs.
 FEATURE_LOSSES = ("similarity", "mse", "cosine")
 

@@ -1,14 +1,10 @@
 """Unlabelled transfer data: extra inputs the student learns on from soft targets only."""
 
-import csv
-import json
-import os
-
 import numpy as np
 import tensorflow as tf
 
 from tftransfer.data import Split
-from tftransfer.errors import UserError
+from tftransfer.data.sources import read_texts
 from tftransfer.losses import UNLABELLED
 
 
@@ -30,28 +26,7 @@ def load_transfer_text(path, text_key="text", where=None):
     extra = load_transfer_text("data/unlabelled.txt")
     ```
     """
-    where = f"{where or 'distill.transfer_path'} {path!r}"
-    if not os.path.isfile(path):
-        raise UserError(f"{where}: no such file; pass a .txt, .csv or .jsonl file of unlabelled text.")
-    texts = []
-    with open(path, newline="", encoding="utf-8") as f:
-        if path.endswith(".csv"):
-            reader = csv.DictReader(f)
-            if text_key not in (reader.fieldnames or []):
-                raise UserError(f"{where}: no column {text_key!r}; columns are {reader.fieldnames}. Set data.input_key.")
-            texts = [row[text_key] for row in reader]
-        elif path.endswith(".jsonl"):
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(str(json.loads(line)[text_key]))
-                except (ValueError, KeyError, TypeError):
-                    raise UserError(f"{where} line {n}: not a JSON object with key {text_key!r}.")
-        else:
-            texts = [line.strip() for line in f if line.strip()]
-    if not texts:
-        raise UserError(f"{where} holds no examples.")
+    texts = read_texts(path, text_key, where or "distill.transfer_path")
     labels = np.full(len(texts), UNLABELLED, "int32")
     return Split(tf.data.Dataset.from_tensor_slices((texts, labels)), len(texts))
 
