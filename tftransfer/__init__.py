@@ -13,27 +13,19 @@ from tftransfer.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-# Public name -> the module that defines it. (`fine_tune` is reached as the
+# Defining module -> its public names. (`fine_tune` is reached as the
 # module `tftransfer.fine_tune`, whose function is `tftransfer.fine_tune.fine_tune`:
 # a lazy name equal to a submodule's would be replaced by the module once
 # anything imports it.)
-_EXPORTS = {
-    "ExperimentConfig": "tftransfer.config",
-    "HeadSpec": "tftransfer.heads",
-    "LayerGroup": "tftransfer.backbones",
-    "LoadedBackbone": "tftransfer.backbones",
-    "ProgressiveUnfreezing": "tftransfer.callbacks",
-    "SlantedTriangular": "tftransfer.schedules",
-    "UserError": "tftransfer.errors",
-    "build_model": "tftransfer.builders",
-    "compile_for_heads": "tftransfer.builders",
-    "export_saved_model": "tftransfer.export",
-    "load_backbone": "tftransfer.backbones",
-    "load_config": "tftransfer.config",
-    "save_backbone_preset": "tftransfer.backbones",
+_MODULES = {
+    "tftransfer.config": ("ExperimentConfig", "load_config"),
+    "tftransfer.heads": ("HeadSpec",),
+    "tftransfer.backbones": ("LayerGroup", "LoadedBackbone", "load_backbone", "save_backbone_preset"),
+    "tftransfer.callbacks": ("ProgressiveUnfreezing",),
+    "tftransfer.schedules": ("SlantedTriangular",),
+    "tftransfer.errors": ("UserError",),
+    "tftransfer.builders": ("build_model", "compile_for_heads"),
+    "tftransfer.export": ("export_saved_model",),
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _MODULES, globals())

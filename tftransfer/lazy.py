@@ -10,20 +10,21 @@ A public name is imported from its defining module on first access.
 import importlib
 
 
-def lazy_exports(package, exports, namespace):
-    """`(__getattr__, __dir__)` for `package`, resolving `exports` on first use.
+def lazy_exports(package, modules, namespace):
+    """`(__getattr__, __dir__, __all__)` for `package`, resolving names on first use.
 
     Args:
         package: str. The package's `__name__`.
-        exports: dict. Public name -> the module that defines it. Other
-            names are tried as submodules (`tftransfer.distill`).
+        modules: dict. Defining module -> the public names it gives the
+            package. Other names are tried as submodules (`tftransfer.distill`).
         namespace: dict. The package's `globals()`, where resolved names
             are cached.
 
     Returns:
         tuple of two functions to assign to the package's `__getattr__` and
-        `__dir__`.
+        `__dir__`, and the sorted public names (its `__all__`).
     """
+    exports = {name: module for module, names in modules.items() for name in names}
 
     def __getattr__(name):
         if name in exports:
@@ -41,4 +42,4 @@ def lazy_exports(package, exports, namespace):
     def __dir__():
         return sorted(set(namespace) | set(exports))
 
-    return __getattr__, __dir__
+    return __getattr__, __dir__, sorted(exports)

@@ -19,22 +19,13 @@ distiller.fit(train_ds, epochs=3, callbacks=[tftransfer.distill.DistillationSche
 
 from tftransfer.lazy import lazy_exports
 
-# Public name -> defining module; imported on first use (see tftransfer.lazy).
-_EXPORTS = {
-    "cached_pipeline": "tftransfer.distill.cache",
-    "load_or_compute": "tftransfer.distill.cache",
-    "teacher_outputs": "tftransfer.distill.cache",
-    "Distiller": "tftransfer.distill.distiller",
-    "HintonDistillation": "tftransfer.distill.distiller",
-    "init_from_teacher": "tftransfer.distill.student_init",
-    "compare": "tftransfer.distill.report",
-    "latency_per_example": "tftransfer.distill.report",
-    "DistillationSchedule": "tftransfer.distill.schedule",
-    "schedule_value": "tftransfer.distill.schedule",
-    "Teacher": "tftransfer.distill.teacher",
-    "check_compatible": "tftransfer.distill.teacher",
-    "ensemble": "tftransfer.distill.teacher",
-    "load_teacher": "tftransfer.distill.teacher",
+# Defining module -> its public names; imported on first use (see tftransfer.lazy).
+_MODULES = {
+    "tftransfer.distill.cache": ("cached_pipeline", "load_or_compute", "teacher_outputs"),
+    "tftransfer.distill.distiller": ("Distiller", "HintonDistillation"),
+    "tftransfer.distill.student_init": ("init_from_teacher",),
+    "tftransfer.distill.report": ("compare", "latency_per_example"),
+    "tftransfer.distill.schedule": ("DistillationSchedule", "schedule_value"),
+    "tftransfer.distill.teacher": ("Teacher", "check_compatible", "ensemble", "load_teacher"),
 }
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _MODULES, globals())

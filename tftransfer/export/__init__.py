@@ -18,20 +18,13 @@ See README.md, "Serving".
 
 from tftransfer.lazy import lazy_exports
 
-# Public name -> defining module; imported on first use (see tftransfer.lazy).
-_EXPORTS = {
-    "ServingAssets": "tftransfer.export.assets",
-    "export_workdir": "tftransfer.export.assets",
-    "load_serving_assets": "tftransfer.export.assets",
-    "load_trained_model": "tftransfer.export.assets",
-    "save_serving_assets": "tftransfer.export.assets",
-    "build_archive": "tftransfer.export.saved_model",
-    "export_saved_model": "tftransfer.export.saved_model",
-    "head_outputs": "tftransfer.export.saved_model",
-    "next_version": "tftransfer.export.saved_model",
-    "token_ids_base": "tftransfer.export.saved_model",
-    "export_tflite": "tftransfer.export.tflite",
-    "export_ensemble": "tftransfer.export.ensemble",
+# Defining module -> its public names; imported on first use (see tftransfer.lazy).
+_MODULES = {
+    "tftransfer.export.assets": ("ServingAssets", "export_workdir", "load_serving_assets",
+        "load_trained_model", "save_serving_assets"),
+    "tftransfer.export.saved_model": ("build_archive", "export_saved_model", "head_outputs",
+        "next_version", "token_ids_base"),
+    "tftransfer.export.tflite": ("export_tflite",),
+    "tftransfer.export.ensemble": ("export_ensemble",),
 }
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _MODULES, globals())
