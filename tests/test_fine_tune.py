@@ -1,5 +1,7 @@
 """tftransfer.fine_tune: the one-call ULMFiT recipe on tiny image and text models."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -75,7 +77,13 @@ def test_text_model_groups_found_and_trained():
     labels = [1, 1, 0, 0] * 2
     x = loaded.preprocessor(tf.constant(texts))
     ds = tf.data.Dataset.from_tensor_slices((x, {"label": labels})).batch(4)
-    history = fine_tune(model, ds, epochs=1, freeze_epochs=1, lr=1e-2, verbose=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = fine_tune(model, ds, epochs=1, freeze_epochs=1, lr=1e-2, verbose=0)
+    # Mean pooling leaves BERT's pooler unused: it stays out of training even
+    # when the top group unfreezes (no "Gradients do not exist" warning).
+    assert not [w for w in caught if "Gradients do not exist" in str(w.message)]
+    assert not model.get_layer(loaded.model.name).get_layer("pooled_dense").trainable
     h = history.history
     assert [k for k in h if k.startswith("lr_")] == [
         "lr_head", "lr_embeddings", "lr_transformer_layer_0", "lr_transformer_layer_1"]

@@ -98,9 +98,21 @@ def _freeze_unused_pooler(backbone):
     except ValueError:
         return
     pooler.trainable = False
-    for group in backbone.layer_groups:
-        if pooler in group.layers:
-            group.layers.remove(pooler)
+    setattr(pooler, _UNUSED, True)  # for groups found again from the model (`without_unused_layers`)
+    without_unused_layers(backbone.layer_groups)
+
+
+_UNUSED = "_tftransfer_unused"
+
+
+def without_unused_layers(groups):
+    """`groups` (list of `LayerGroup`) without the layers `build_model` took
+    out of training (an unused BERT pooler), changed in place and returned.
+    For groups found again from a built model (`tftransfer.fine_tune`), so
+    that unfreezing them does not make the pooler trainable again."""
+    for group in groups:
+        group.layers[:] = [layer for layer in group.layers if not getattr(layer, _UNUSED, False)]
+    return groups
 
 
 def model_inputs(backbone):

@@ -165,7 +165,7 @@ def find_layer_groups(model):
     """The layer groups of the backbone inside `model` (a keras-hub Backbone
     or other nested functional model), bottom to top."""
     from tftransfer.backbones import layer_groups
-
+    from tftransfer.builders import without_unused_layers
     from tftransfer.keras_private import sublayers
 
     nested = [l for l in sublayers(model) if isinstance(l, keras.Model)]
@@ -178,7 +178,7 @@ def find_layer_groups(model):
     for candidate in nested:
         groups = layer_groups(candidate)
         if len(groups) > 1:
-            return groups
+            return without_unused_layers(groups)
     raise UserError(
         "fine_tune: found no backbone with layer groups inside the model; pass "
         "layer_groups=loaded.layer_groups (from tftransfer.load_backbone)."
