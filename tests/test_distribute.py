@@ -155,3 +155,73 @@ def test_precision_and_xla_train_image_and_text_through_the_cli(tmp_path, precis
         probabilities = out["probabilities"] if "probabilities" in out else out["label_probabilities"]
         assert probabilities.dtype == tf.float32
         np.testing.assert_allclose(probabilities.numpy().sum(-1), 1.0, atol=1e-5)
+
+
+# The TPU path, proven on CPU: the config's `distribute.strategy: tpu` as
+# `train` builds it (experiment.build_training + experiment.pipelines), with
+# discriminative learning rates (lr_decay: multipliers inside the update step)
+# and the unfreezing callback's start-of-fit setup (optimizer built over every
+# variable, multipliers set, stage applied).
+TPU_OVERRIDES = ["distribute.strategy=tpu", "distribute.jit_compile=true", "train.unfreeze.lr_decay=0.5"]
+# Ops that cannot run inside an XLA cluster on a TPU: strings, tokenisers, Python, printing.
+HOST_OPS = ("PyFunc", "EagerPyFunc", "PrintV2", "StringFormat", "RegexSplitWithOffsets",
+            "WordpieceTokenizeWithOffsets", "FastWordpieceTokenizeWithOffsets", "CaseFoldUTF8",
+            "NormalizeUTF8", "StaticRegexReplace")
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_tpu_train_step_compiles_with_xla_and_static_host_tokenised_input(tmp_path, modality):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from tftransfer import config as config_lib
+    from tftransfer import experiment
+
+    if modality == "image":
+        text = TINY_DIGITS_YAML
+    else:
+        train = tmp_path / "train.csv"
+        train.write_text("text,label\n" + "".join(f"{'good film' if i % 2 else 'bad film'},{i % 2}\n"
+                                                  for i in range(21)))  # 21: a partial final batch
+        text = TEXT_YAML.replace("TRAIN", str(train))
+    cfg = config_lib.load_config(text=text, overrides=TPU_OVERRIDES + ["distribute.precision=mixed_bfloat16"])
+    distribute.set_precision(cfg.distribute.precision)
+    try:
+        built = experiment.build_training(cfg, tf.distribute.get_strategy())
+        model = built.model
+        train_ds, val_ds = experiment.pipelines(cfg, built.labelled, built.loaded, built.heads,
+                                                cfg.data.batch_size, passes=(0, 1))
+        # (a) Static shapes: every element of the training (and validation) batches.
+        for ds in (train_ds, val_ds):
+            for spec in tf.nest.flatten(ds.element_spec) if ds is not None else []:
+                assert spec.shape.is_fully_defined() and spec.dtype != tf.string, spec
+        # (c) Tokenisation / decoding is in tf.data, on the host.
+        ops = {n.op for f in [tf.compat.v1.GraphDef.FromString(train_ds._as_serialized_graph().numpy())]
+               for n in list(f.node) + [n for fn in f.library.function for n in fn.node_def]}
+        if modality == "text":
+            assert {"RegexSplitWithOffsets", "FastWordpieceTokenizeWithOffsets"} <= ops, " ".join(sorted(ops))
+        # The unfreezing callback's fit-start setup: optimizer built, multipliers on.
+        cb = built.unfreezing
+        cb.set_model(model)
+        cb.set_params({"epochs": cfg.train.epochs, "steps": built.steps})
+        cb.on_train_begin()
+        assert cb.lr_multipliers and min(cb.lr_multipliers.values()) < 1.0
+        assert model.jit_compile is True  # Keras' own train function is XLA-compiled too
+        # (b) The whole train step (forward, float32 loss, gradients, multiplied
+        # updates) compiles with XLA, and runs compiled.
+        step = tf.function(model.train_step, jit_compile=True)
+        batch = next(iter(train_ds))
+        hlo = step.experimental_get_compiler_ir(batch)(stage="hlo")
+        assert "HloModule" in hlo and "bf16" in hlo
+        graph_ops = {op.type for op in step.get_concrete_function(batch).graph.get_operations()}
+        assert not graph_ops & set(HOST_OPS), graph_ops & set(HOST_OPS)
+        assert not any(t.dtype == tf.string for op in step.get_concrete_function(batch).graph.get_operations()
+                       for t in op.outputs)
+        before = [v.numpy().copy() for v in model.trainable_variables]
+        logs = step(batch)
+        assert np.isfinite(float(logs["loss"])) and int(model.optimizer.iterations.numpy()) == 1
+        moved = [not np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables)]
+        assert all(moved), f"{moved.count(False)} of {len(moved)} trainable variables did not train"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

@@ -4,6 +4,8 @@ The only place besides the entrypoints that reads an `ExperimentConfig`;
 each function hands plain keyword arguments to the library.
 """
 
+import dataclasses
+
 import keras
 
 from tftransfer import data as data_lib
@@ -353,6 +355,41 @@ def transfer_model(cfg, loaded, heads, total_steps, log_dir=None):
     )
     compile_for_heads(model, heads, optimizer(cfg, total_steps), jit_compile=cfg.distribute.jit_compile)
     return model, unfreezing
+
+
+@dataclasses.dataclass
+class Training:
+    """What `build_training` returns: the run's checked data and its compiled transfer model.
+
+    labelled: the loaded data. heads: list of `HeadSpec`. steps: int, steps
+    per epoch. loaded: `LoadedBackbone`. model: the compiled keras.Model.
+    unfreezing: its schedule callback (`ProgressiveUnfreezing`, or LoRA's).
+    """
+
+    labelled: object
+    heads: list
+    steps: int
+    loaded: object
+    model: object
+    unfreezing: object
+
+
+def build_training(cfg, strategy, replicas=1, log_dir=None):
+    """`python -m tftransfer.train` steps 3-4: the data, fully checked; then,
+    inside `strategy`'s scope, the backbone, heads, optimizer and unfreezing
+    schedule (`transfer_model`). Also what the TPU-path test compiles under XLA.
+
+    Returns:
+        `Training`.
+    """
+    labelled = load_data(cfg)
+    heads = resolve_heads(cfg, labelled)
+    steps = steps_per_epoch(cfg, labelled.train.num_examples, cfg.data.batch_size * replicas, replicas)
+    with strategy.scope():
+        loaded = backbone_from_config(cfg)
+        check_modality(cfg, loaded, labelled)
+        model, unfreezing = transfer_model(cfg, loaded, heads, steps * cfg.train.epochs, log_dir=log_dir)
+    return Training(labelled, heads, steps, loaded, model, unfreezing)
 
 
 def monitor(cfg, has_validation):
