@@ -114,11 +114,16 @@ train: {epochs: 1, steps_per_epoch: 2, verbose: 0}
 """
 
 
-# (precision, jit_compile): the float32 eager default runs in every other CLI test;
-# mixed_float16 / mixed_bfloat16 with XLA were also run by hand (README).
-@pytest.mark.parametrize("precision, jit", [("float32", True), ("mixed_float16", True),
-                                            ("mixed_bfloat16", False)])
-def test_precision_and_xla_train_image_and_text_through_the_cli(tmp_path, precision, jit):
+# Every distribute.precision x distribute.jit_compile combination trains the tiny
+# image and text configs through the CLI. The serving export (float32
+# probabilities summing to 1, image and text) is checked once per mixed
+# precision, and `distill` runs (image) under mixed_float16 + XLA: loss
+# scaling, the teacher and the student in one compiled step.
+@pytest.mark.parametrize("precision, jit, extra", [
+    ("float32", False, None), ("float32", True, None),
+    ("mixed_float16", False, "export"), ("mixed_float16", True, "distill"),
+    ("mixed_bfloat16", False, None), ("mixed_bfloat16", True, "export")])
+def test_precision_and_xla_train_image_and_text_through_the_cli(tmp_path, precision, jit, extra):
     import subprocess
     import sys
 
@@ -130,31 +135,43 @@ def test_precision_and_xla_train_image_and_text_through_the_cli(tmp_path, precis
     train.write_text("text,label\n" + "".join(f"{'good film' if i % 2 else 'bad film'},{i % 2}\n" for i in range(24)))
     configs = {"image": TINY_DIGITS_YAML.replace("train: {epochs: 2,", "train: {epochs: 1, steps_per_epoch: 2,"),
                "text": TEXT_YAML.replace("TRAIN", str(train))}
-    export = precision != "float32"
-    procs = {}
-    for name, text in configs.items():
+    flags = [f"--config.distribute.precision={precision}", f"--config.distribute.jit_compile={str(jit).lower()}"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+    def start(module, name, text, export):
         config = tmp_path / f"{name}.yaml"
         config.write_text(text)
-        args = [sys.executable, "-m", "tftransfer.train", f"--config={config}", f"--workdir={tmp_path / name}",
-                f"--config.distribute.precision={precision}", f"--config.distribute.jit_compile={str(jit).lower()}",
+        args = [sys.executable, "-m", module, f"--config={config}", f"--workdir={tmp_path / name}", *flags,
                 f"--config.export.saved_model={str(export).lower()}"]
-        procs[name] = subprocess.Popen(args, cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for name, proc in procs.items():
+        return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+
+    def finished(proc, name):
         err = proc.communicate(timeout=600)[1]
         assert proc.returncode == 0, err[-3000:]
         metrics = json.load(open(tmp_path / name / "metrics.json"))
         assert (metrics["precision"], metrics["jit_compile"]) == (precision, jit)
         assert np.isfinite(metrics["train"]["loss"]), metrics["train"]
-    if export:
+        return metrics
+
+    procs = {name: start("tftransfer.train", name, text, extra == "export") for name, text in configs.items()}
+    for name, proc in procs.items():
+        finished(proc, name)
+    if extra == "distill":  # the image run is the teacher
+        student = configs["image"] + f"distill: {{teacher: [{tmp_path / 'image'}], cache: none}}\n"
+        metrics = finished(start("tftransfer.distill", "student", student, False), "student")
+        assert np.isfinite(metrics["train"]["distillation_loss"]), metrics["train"]
+    if extra == "export":
         import tensorflow as tf
 
-        served = tf.saved_model.load(str(tmp_path / "image" / "export" / "1"))
-        fn = served.signatures["serve_preprocessed"]
-        out = fn(**{k: tf.zeros([3, *v.shape[1:]], v.dtype) for k, v in fn.structured_input_signature[1].items()})
-        probabilities = out["probabilities"] if "probabilities" in out else out["label_probabilities"]
-        assert probabilities.dtype == tf.float32
-        np.testing.assert_allclose(probabilities.numpy().sum(-1), 1.0, atol=1e-5)
+        for name in configs:
+            served = tf.saved_model.load(str(tmp_path / name / "export" / "1"))
+            fn = served.signatures["serve_preprocessed"]
+            inputs = {k: tf.zeros([3, *v.shape[1:]], v.dtype) for k, v in fn.structured_input_signature[1].items()}
+            out = fn(**inputs)
+            probabilities = out["probabilities"] if "probabilities" in out else out["label_probabilities"]
+            assert probabilities.dtype == tf.float32, name
+            np.testing.assert_allclose(probabilities.numpy().sum(-1), 1.0, atol=1e-5)
 
 
 # The TPU path, proven on CPU: the config's `distribute.strategy: tpu` as
