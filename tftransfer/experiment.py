@@ -199,11 +199,18 @@ def learning_rate(cfg, total_steps):
 
 
 def optimizer(cfg, total_steps):
+    """`train.optimizer` over `learning_rate(cfg, total_steps)`.
+
+    `adamw` with `train.weight_decay: 0` (the default) is Keras' `Adam`: the
+    same update, without AdamW's decay of every variable by `lr * 0` each
+    step (a read, two multiplies and a write per variable, ~10% of a MiniLM
+    step on CPU; see BENCHMARKS.md, training throughput).
+    """
     t = cfg.train
     lr = learning_rate(cfg, total_steps)
-    if t.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=t.weight_decay or 0.0)
-    if t.optimizer == "adam":
+    if t.optimizer == "adamw" and t.weight_decay:
+        return keras.optimizers.AdamW(lr, weight_decay=t.weight_decay)
+    if t.optimizer in ("adam", "adamw"):
         return keras.optimizers.Adam(lr)
     return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=t.weight_decay or None)
 

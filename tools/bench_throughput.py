@@ -6,12 +6,16 @@
 
 CPU mode: for each model, the model and compiled step that
 `python -m tftransfer.train` builds (config -> `experiment.transfer_model`,
-the same tf.data pipeline and `Run.fit`'s stream), and a plain keras-hub
+the same tf.data pipeline, and every callback `Run.fit` runs:
+`Run.fit_callbacks` — divergence check, unfreezing, epoch record, step
+backup, TensorBoard), and a plain keras-hub
 model written by hand (backbone + pooling + Dense, `model.compile` /
 `model.fit`), on the same preprocessed batches, batch size and precision.
 The two alternate in one process (`--rounds` times, `--steps` steps each
 after a warm-up fit), so machine load hits both alike; prints examples/s
-per round and the ratio of the medians (goal: tftransfer >= 0.97x).
+per round and the ratio of the medians (goal: tftransfer >= 0.97x), and the
+same ratio per CPU-second of the process (`time.process_time`), which other
+jobs on a shared machine disturb less than wall time.
 
 `--gpu`: ResNet-50 at 224 px and BERT-base at sequence length 128 (random
 init from tftransfer's default `backbone.spec`s, nothing downloaded; BERT's
@@ -137,6 +141,16 @@ def bench_cpu(name, args):
     model, unfreezing = experiment.transfer_model(cfg, loaded, heads, steps * 100)
     stream = experiment.pipelines(cfg, labelled, loaded, heads, cfg.data.batch_size, 1, passes=(0, 1000))[0]
     stream = stream.take(args.steps * (args.rounds + 1)).cache().repeat()  # same batches for both
+    import tempfile
+
+    import tensorflow as tf
+
+    from tftransfer.run_loop import Run
+
+    out = tempfile.mkdtemp()
+    run = Run(workdir=out, out=out, strategy=tf.distribute.get_strategy(), cluster=distribute.Cluster(),
+              config_text="", verbose=0)
+    callbacks = run.fit_callbacks([unfreezing], args.steps, monitor="loss")[0]
     plain_loaded = experiment.backbone_from_config(cfg)  # a second, independent backbone
     plain = _plain_keras_hub(plain_loaded, heads[0].num_classes)
 
@@ -146,22 +160,31 @@ def bench_cpu(name, args):
 
         def on_train_batch_end(self, batch, logs=None):
             if batch == 1:
-                self.start = time.perf_counter()
-            self.end = time.perf_counter()
+                self.start, self.cpu_start = time.perf_counter(), time.process_time()
+            self.end, self.cpu_end = time.perf_counter(), time.process_time()
 
     def fit(m, callbacks):
         timer = Timer()
         m.fit(stream, steps_per_epoch=args.steps, epochs=1, verbose=0, callbacks=callbacks + [timer])
-        return (args.steps - 2) * cfg.data.batch_size / (timer.end - timer.start)
+        examples = (args.steps - 2) * cfg.data.batch_size
+        return examples / (timer.end - timer.start), examples / (timer.cpu_end - timer.cpu_start)
 
-    fit(model, [unfreezing]), fit(plain, [])  # warm-up: tracing
+    fit(model, callbacks), fit(plain, [])  # warm-up: tracing
     rates = {"tftransfer": [], "keras_hub": []}
+    cpu = {"tftransfer": [], "keras_hub": []}  # examples per CPU-second of this process
     for _ in range(args.rounds):
-        rates["tftransfer"].append(fit(model, [unfreezing]))
-        rates["keras_hub"].append(fit(plain, []))
+        for who, m, c in (("tftransfer", model, callbacks), ("keras_hub", plain, [])):
+            wall, per_cpu = fit(m, c)
+            rates[who].append(wall)
+            cpu[who].append(per_cpu)
+        print(f"{name} round {_ + 1}: tftransfer {rates['tftransfer'][-1]:.1f}, keras-hub "
+              f"{rates['keras_hub'][-1]:.1f} ex/s; load average {os.getloadavg()[0]:.1f}", flush=True)
     ratio = statistics.median(rates["tftransfer"]) / statistics.median(rates["keras_hub"])
+    cpu_ratio = statistics.median(cpu["tftransfer"]) / statistics.median(cpu["keras_hub"])
     return {"model": name, "batch_size": cfg.data.batch_size, "precision": args.precision,
-            "steps": args.steps, "rounds": args.rounds, "examples_per_s": rates, "ratio": ratio}
+            "steps": args.steps, "rounds": args.rounds, "examples_per_s": rates, "ratio": ratio,
+            "examples_per_cpu_s": cpu, "cpu_ratio": cpu_ratio,
+            "optimizer": type(model.optimizer).__name__}
 
 
 def _gpu_model(key, args, vocab_path):
@@ -281,11 +304,13 @@ def main():
         bench_gpu(args)
         return
     results = [bench_cpu(name, args) for name in (args.models or "quickstart,minilm").split(",")]
-    print("| model | batch | precision | tftransfer ex/s (median) | keras-hub ex/s (median) | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| model | batch | precision | tftransfer ex/s (median) | keras-hub ex/s (median) | ratio "
+          "| ratio per CPU-second |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         t, k = (statistics.median(r["examples_per_s"][n]) for n in ("tftransfer", "keras_hub"))
-        print(f"| {r['model']} | {r['batch_size']} | {r['precision']} | {t:.1f} | {k:.1f} | {r['ratio']:.3f} |")
+        print(f"| {r['model']} | {r['batch_size']} | {r['precision']} | {t:.1f} | {k:.1f} | {r['ratio']:.3f} "
+              f"| {r['cpu_ratio']:.3f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
