@@ -231,10 +231,9 @@ def test_tpu_train_step_compiles_with_xla_and_static_host_tokenised_input(tmp_pa
         batch = next(iter(train_ds))
         hlo = step.experimental_get_compiler_ir(batch)(stage="hlo")
         assert "HloModule" in hlo and "bf16" in hlo
-        graph_ops = {op.type for op in step.get_concrete_function(batch).graph.get_operations()}
-        assert not graph_ops & set(HOST_OPS), graph_ops & set(HOST_OPS)
-        assert not any(t.dtype == tf.string for op in step.get_concrete_function(batch).graph.get_operations()
-                       for t in op.outputs)
+        graph = step.get_concrete_function(batch).graph.get_operations()
+        assert not {op.type for op in graph} & set(HOST_OPS), {op.type for op in graph} & set(HOST_OPS)
+        assert not any(t.dtype == tf.string for op in graph for t in op.outputs)
         before = [v.numpy().copy() for v in model.trainable_variables]
         logs = step(batch)
         assert np.isfinite(float(logs["loss"])) and int(model.optimizer.iterations.numpy()) == 1
