@@ -140,8 +140,6 @@ def resolve_heads(cfg, labelled, class_weights=True):
 
 def _with_class_weights(cfg, labelled, specs):
     """`train.class_weight` resolved per head from the training labels, logged."""
-    import dataclasses
-
     from absl import logging
 
     from tftransfer import class_weights
@@ -614,7 +612,6 @@ def cached_features(cfg, run, model, loaded, labelled, heads, total_steps):
         `tftransfer.feature_cache.CachedFeatures` (`.on` False: train `model` as usual).
     """
     import contextlib
-    import dataclasses
 
     import tensorflow as tf
     from absl import logging
