@@ -101,3 +101,18 @@ def test_numeric_ranges_scientific_notation_yaml_position_and_missing_backbone(t
         config_lib.load_config(text=base + "train: {epochs: [1, 2}\n")
     with pytest.raises(UserError, match=r"^backbone: set exactly one of backbone.preset.*\(got none\)"):
         config_lib.load_config(text="train: {epochs: 1}\n")
+
+
+def test_adamw_without_weight_decay_is_adam():
+    """train.optimizer adamw with weight_decay 0 (the default) builds Keras' Adam: the
+    same update without AdamW's per-variable `w -= lr * 0 * w` every step (#9 speed)."""
+    import keras
+
+    from tftransfer import experiment
+
+    default = config_lib.load_config(text="backbone: {preset: x}")
+    assert default.train.optimizer == "adamw" and default.train.weight_decay == 0
+    assert type(experiment.optimizer(default, 10)) is keras.optimizers.Adam
+    decayed = config_lib.load_config(text="backbone: {preset: x}", overrides=["train.weight_decay=0.01"])
+    optimizer = experiment.optimizer(decayed, 10)
+    assert type(optimizer) is keras.optimizers.AdamW and optimizer.weight_decay == 0.01

@@ -4,6 +4,8 @@ The only place besides the entrypoints that reads an `ExperimentConfig`;
 each function hands plain keyword arguments to the library.
 """
 
+import dataclasses
+
 import keras
 
 from tftransfer import data as data_lib
@@ -138,8 +140,6 @@ def resolve_heads(cfg, labelled, class_weights=True):
 
 def _with_class_weights(cfg, labelled, specs):
     """`train.class_weight` resolved per head from the training labels, logged."""
-    import dataclasses
-
     from absl import logging
 
     from tftransfer import class_weights
@@ -197,11 +197,18 @@ def learning_rate(cfg, total_steps):
 
 
 def optimizer(cfg, total_steps):
+    """`train.optimizer` over `learning_rate(cfg, total_steps)`.
+
+    `adamw` with `train.weight_decay: 0` (the default) is Keras' `Adam`: the
+    same update, without AdamW's decay of every variable by `lr * 0` each
+    step (a read, two multiplies and a write per variable, ~10% of a MiniLM
+    step on CPU; see BENCHMARKS.md, training throughput).
+    """
     t = cfg.train
     lr = learning_rate(cfg, total_steps)
-    if t.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=t.weight_decay or 0.0)
-    if t.optimizer == "adam":
+    if t.optimizer == "adamw" and t.weight_decay:
+        return keras.optimizers.AdamW(lr, weight_decay=t.weight_decay)
+    if t.optimizer in ("adam", "adamw"):
         return keras.optimizers.Adam(lr)
     return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=t.weight_decay or None)
 
@@ -353,6 +360,41 @@ def transfer_model(cfg, loaded, heads, total_steps, log_dir=None):
     )
     compile_for_heads(model, heads, optimizer(cfg, total_steps), jit_compile=cfg.distribute.jit_compile)
     return model, unfreezing
+
+
+@dataclasses.dataclass
+class Training:
+    """What `build_training` returns: the run's checked data and its compiled transfer model.
+
+    labelled: the loaded data. heads: list of `HeadSpec`. steps: int, steps
+    per epoch. loaded: `LoadedBackbone`. model: the compiled keras.Model.
+    unfreezing: its schedule callback (`ProgressiveUnfreezing`, or LoRA's).
+    """
+
+    labelled: object
+    heads: list
+    steps: int
+    loaded: object
+    model: object
+    unfreezing: object
+
+
+def build_training(cfg, strategy, replicas=1, log_dir=None):
+    """`python -m tftransfer.train` steps 3-4: the data, fully checked; then,
+    inside `strategy`'s scope, the backbone, heads, optimizer and unfreezing
+    schedule (`transfer_model`). Also what the TPU-path test compiles under XLA.
+
+    Returns:
+        `Training`.
+    """
+    labelled = load_data(cfg)
+    heads = resolve_heads(cfg, labelled)
+    steps = steps_per_epoch(cfg, labelled.train.num_examples, cfg.data.batch_size * replicas, replicas)
+    with strategy.scope():
+        loaded = backbone_from_config(cfg)
+        check_modality(cfg, loaded, labelled)
+        model, unfreezing = transfer_model(cfg, loaded, heads, steps * cfg.train.epochs, log_dir=log_dir)
+    return Training(labelled, heads, steps, loaded, model, unfreezing)
 
 
 def monitor(cfg, has_validation):
@@ -570,7 +612,6 @@ def cached_features(cfg, run, model, loaded, labelled, heads, total_steps):
         `tftransfer.feature_cache.CachedFeatures` (`.on` False: train `model` as usual).
     """
     import contextlib
-    import dataclasses
 
     import tensorflow as tf
     from absl import logging

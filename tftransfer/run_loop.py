@@ -125,21 +125,8 @@ class Run:
         Returns:
             `FitResult`.
         """
-        from tftransfer.callbacks import StopOnDivergence
-        from tftransfer.epoch_selection import EpochRecord
-
         monitor = monitor or ("val_loss" if val_ds is not None else "loss")
-        backup = StepBackup(os.path.join(self.workdir, workdir.BACKUP), self.path(workdir.BACKUP),
-                            steps_per_epoch, self.backup_every_steps)
-        # Callbacks run in order. Divergence first: a diverged step raises
-        # before the record or the backup can take its weights. The record
-        # (every epoch's logs, the best epoch's weights) before the backup: a
-        # backup that marks an epoch done implies the epoch is recorded (a
-        # kill between the two re-runs the epoch, whose entry then replaces itself).
-        own = [StopOnDivergence()] + list(callbacks)
-        if checkpoint:
-            own.append(EpochRecord(self.path(workdir.HISTORY), self.path(workdir.BEST_WEIGHTS), monitor))
-        own += [backup, keras.callbacks.TensorBoard(self.path(workdir.LOGS))]
+        own, backup = self.fit_callbacks(callbacks, steps_per_epoch, monitor, checkpoint)
         def stream(skip):
             if train_stream is not None:  # Passes with their own seeds: exact replay.
                 first = skip // batches_per_pass
@@ -176,6 +163,26 @@ class Run:
             for key, values in h.history.items():
                 history.setdefault(key, []).extend(values)
         return FitResult(history, seconds, start_step, self.epochs * steps_per_epoch)
+
+    def fit_callbacks(self, callbacks, steps_per_epoch, monitor, checkpoint=True):
+        """The callbacks `fit` runs, in order, and its `StepBackup` (also what
+        tools/bench_throughput.py times).
+
+        Callbacks run in order. Divergence first: a diverged step raises
+        before the record or the backup can take its weights. The record
+        (every epoch's logs, the best epoch's weights) before the backup: a
+        backup that marks an epoch done implies the epoch is recorded (a
+        kill between the two re-runs the epoch, whose entry then replaces itself).
+        """
+        from tftransfer.callbacks import StopOnDivergence
+        from tftransfer.epoch_selection import EpochRecord
+
+        backup = StepBackup(os.path.join(self.workdir, workdir.BACKUP), self.path(workdir.BACKUP),
+                            steps_per_epoch, self.backup_every_steps)
+        own = [StopOnDivergence()] + list(callbacks)
+        if checkpoint:
+            own.append(EpochRecord(self.path(workdir.HISTORY), self.path(workdir.BEST_WEIGHTS), monitor))
+        return own + [backup, keras.callbacks.TensorBoard(self.path(workdir.LOGS))], backup
 
     def save_model(self, model):
         """`model.keras` (every worker saves; the chief's is the work dir's).

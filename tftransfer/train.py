@@ -33,17 +33,11 @@ def main(argv):
     run = cli.start_run(cfg)
     global_batch = cfg.data.batch_size * run.replicas
 
-    # 3. Data, fully checked before the work dir is touched.
-    labelled = experiment.load_data(cfg)
-    heads = experiment.resolve_heads(cfg, labelled)
-
-    # 4. Backbone, heads, optimizer, unfreezing inside the strategy scope.
-    steps = experiment.steps_per_epoch(cfg, labelled.train.num_examples, global_batch, run.replicas)
-    with run.strategy.scope():
-        loaded = experiment.backbone_from_config(cfg)
-        experiment.check_modality(cfg, loaded, labelled)
-        model, unfreezing = experiment.transfer_model(
-            cfg, loaded, heads, steps * cfg.train.epochs, log_dir=run.path(workdir.LOGS))
+    # 3-4. Data, fully checked before the work dir is touched; backbone, heads,
+    # optimizer, unfreezing inside the strategy scope.
+    built = experiment.build_training(cfg, run.strategy, run.replicas, log_dir=run.path(workdir.LOGS))
+    labelled, heads, steps = built.labelled, built.heads, built.steps
+    loaded, model, unfreezing = built.loaded, built.model, built.unfreezing
     cache = experiment.data_cache(cfg, labelled, loaded, run.path(workdir.DATA_CACHE))
 
     def pipelines(passes=None):  # `data`, `source`: the raw data, or cached features (step 6)
