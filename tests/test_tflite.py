@@ -34,10 +34,10 @@ def interpreter(flatbuffer):
     return it
 
 
-def assert_compute_is_int8(it):
+def assert_compute_is_int8(it, compute_ops=COMPUTE_OPS):
     """Every weight and activation of the compute ops is int8 (biases int32, indices int32)."""
     dtypes = {d["index"]: d["dtype"] for d in it.get_tensor_details()}
-    ops = [o for o in it._get_ops_details() if o["op_name"] in COMPUTE_OPS]
+    ops = [o for o in it._get_ops_details() if o["op_name"] in compute_ops]
     assert ops
     for op in ops:
         if op["op_name"] == "GATHER":  # embedding table int8, ids int32
@@ -88,23 +88,24 @@ def test_int8_image_weights_and_activations_are_int8_and_agree_with_float(tmp_pa
 def test_int8_text_on_token_ids(tmp_path):
     keras.utils.set_random_seed(1)
     loaded = tftransfer.load_backbone(spec=tiny_bert_spec(), sequence_length=16)
-    heads = [HeadSpec(num_classes=2)]
+    heads = [HeadSpec(num_classes=2, pooling="mean")]
     model = tftransfer.build_model(loaded, heads)
     ids = {k: np.asarray(v).astype("int32") for k, v in loaded.preprocessor(tf.constant(SENTENCES)).items()}
     representative = [{k: v[i:i + 1] for k, v in ids.items()} for i in range(len(SENTENCES))]
     flatbuffer = tflite_lib.convert(model, loaded.preprocessor, "text", heads, "int8", representative)
     it = interpreter(flatbuffer)
-    dtypes = assert_compute_is_int8(it)
-    # Float32 inside, on purpose, each between a dequantise and a quantise: the attention mask
-    # select + softmax (tflite.FLOAT_OPS_TEXT_INT8) and every op of the layer norms (their variance
-    # and rsqrt lose everything in int8 on a real MiniLM). Nothing else.
+    # Weight projections and embedding lookups int8; float32 inside, on purpose, each between a
+    # dequantise and a quantise: the attention mask select, softmax and matrix products and the
+    # residual additions (tflite.FLOAT_OPS_TEXT_INT8), every op of the layer norms (their variance and rsqrt lose
+    # everything in int8 on a real MiniLM) and of the mean pooling. Nothing else.
+    dtypes = assert_compute_is_int8(it, ("FULLY_CONNECTED", "GATHER"))
     names = {d["index"]: d["name"] for d in it.get_tensor_details()}
-    scopes = tflite_lib.layer_norm_scopes(model)
+    scopes = tflite_lib.float_scopes(model, heads)
     outside = {o["op_name"] for o in it._get_ops_details()
                if any(dtypes.get(i) == np.float32 for i in o["outputs"])
                and not any(scopes.search(names[i]) for i in o["outputs"])}
     assert outside <= {"DEQUANTIZE", *tflite_lib.FLOAT_OPS_TEXT_INT8}, outside
-    assert {"RSQRT", "MEAN", "SOFTMAX", "SELECT_V2"} <= set(tflite_lib.float_ops(flatbuffer))
+    assert {"RSQRT", "MEAN", "SOFTMAX", "SELECT_V2", "BATCH_MATMUL", "ADD", "SUM"} <= set(tflite_lib.float_ops(flatbuffer))
     out = it.get_signature_runner()(**ids)
     expected = tf.nn.softmax(model(ids, training=False)["label"]).numpy()
     assert np.abs(out["probabilities"] - expected).max() <= tflite_lib.TOLERANCE["int8"]

@@ -47,7 +47,7 @@ flags.DEFINE_enum(
     "quantize", "none", ["none", "float16", "dynamic_range", "int8"],
     "TFLite: none (float32), float16 (~1/2 size), dynamic_range (int8 weights, ~1/4 size) or int8 "
     "(int8 weights and activations, calibrated on training examples; full integer for images, text keeps "
-    "layer norms, mask select and softmax in float). SavedModel: none or "
+    "layer norms, residual adds, attention softmax / matmuls and pooling in float). SavedModel: none or "
     "int8 (Keras model.quantize, text models).",
 )
 flags.DEFINE_float(
