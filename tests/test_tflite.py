@@ -79,7 +79,9 @@ def test_int8_image_weights_and_activations_are_int8_and_agree_with_float(tmp_pa
     assert np.abs(out["probabilities"] - expected).max() <= tflite_lib.TOLERANCE["int8"]
     assert info["size_bytes"] <= 0.3 * 4 * model.count_params()
     with open(os.path.join(info["path"], "tftransfer.json")) as f:
-        accuracy = json.load(f)["accuracy"]
+        record = json.load(f)
+    assert record["tflite"]["integer_only"] is True and record["tflite"]["float_ops"] == []
+    accuracy = record["accuracy"]
     assert accuracy["examples"] == digits.validation.num_examples
     assert set(accuracy["float"]) == set(accuracy["quantized"]) == {"label"}
     assert accuracy["drop"] == pytest.approx(accuracy["float"]["label"] - accuracy["quantized"]["label"])
