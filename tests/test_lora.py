@@ -36,7 +36,7 @@ def bert_preset(tmp_path_factory):
     return path
 
 
-def test_fit_moves_only_adapters_and_heads_and_counts_match_the_formula(bert_preset):
+def test_fit_moves_only_adapters_and_heads_and_counts_match_the_formula(bert_preset, tmp_path):
     keras.utils.set_random_seed(1)
     loaded = tftransfer.load_backbone(preset=bert_preset, sequence_length=16)
     heads = [HeadSpec(num_classes=2)]
@@ -45,11 +45,14 @@ def test_fit_moves_only_adapters_and_heads_and_counts_match_the_formula(bert_pre
     head_before = {v.path: v.numpy().copy() for v in model.get_layer("label").weights}
     rank = 4
     layers = lora.enable_lora(loaded.model, rank, alpha=8)
-    # BERT query/value EinsumDense kernels are (hidden, heads, head_dim):
-    # A (hidden, heads, r) + B (r, head_dim) per target, 2 targets x num_layers; + the Dense head.
+    # BERT query/value EinsumDense kernels are (hidden, heads, head_dim): a rank-r update of the
+    # flattened (hidden, heads * head_dim) matrix, A (hidden, r) + B (r, heads, head_dim) per target
+    # (Hu et al.), 2 targets x num_layers; + the Dense head.
     hidden, n_heads = SPEC["hidden_dim"], SPEC["num_heads"]
-    per_target = rank * (hidden * n_heads + hidden // n_heads)
+    per_target = rank * (hidden + hidden)
     assert len(layers) == 2 * SPEC["num_layers"]
+    assert all(l.lora_kernel_a.shape == (hidden, rank) for l in layers)
+    assert all(l.lora_kernel_b.shape == (rank, n_heads, hidden // n_heads) for l in layers)
     expected = 2 * SPEC["num_layers"] * per_target + (hidden * 2 + 2)
     assert lora.count_params(model.trainable_weights) == expected
 
@@ -63,6 +66,31 @@ def test_fit_moves_only_adapters_and_heads_and_counts_match_the_formula(bert_pre
         np.testing.assert_array_equal(v.numpy(), base_before[v.path], err_msg=v.path)  # bit-identical
     assert all(not np.array_equal(v.numpy(), head_before[v.path]) for v in model.get_layer("label").weights)
     assert all(np.abs(l.lora_kernel_b.numpy()).max() > 0 for l in layers)  # B starts at zero
+    # The trained update is a rank-r matrix of the flattened projection, and the layer computes
+    # with exactly the merged kernel.
+    query = layers[0]
+    update = (lora.merged_kernel(query) - query._kernel).numpy().reshape(hidden, hidden)
+    assert np.linalg.matrix_rank(update, tol=1e-6) <= rank and np.abs(update).max() > 0
+    h = np.random.RandomState(0).rand(2, 5, hidden).astype("float32")
+    np.testing.assert_allclose(query(h).numpy(), (np.einsum(query.equation, h, lora.merged_kernel(query).numpy())
+                                                   + query.bias.numpy()), atol=1e-5)
+
+    # While training (BackupAndRestore), every weight is checkpointed as is; after, a plain layer's two.
+    lora.raw_checkpoints([query], True)
+    store = {}
+    query.save_own_variables(store)
+    assert len(store) == 4 and np.array_equal(store["2"], query.lora_kernel_a.numpy())
+    lora.raw_checkpoints([query], False)
+    store = {}
+    query.save_own_variables(store)
+    assert sorted(store) == ["0", "1"]
+
+    # model.save stores the merged kernels: it reloads as a plain model with the same outputs.
+    path = os.path.join(str(tmp_path), "m.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert not [v.path for v in reloaded.weights if lora.is_lora_weight(v)]
+    np.testing.assert_allclose(reloaded(x)["label"].numpy(), model(x)["label"].numpy(), atol=1e-5)
 
 
 def test_resnet_default_adapts_every_conv(tmp_path):
@@ -84,9 +112,11 @@ def test_minilm_hf_checkpoint_gets_query_value_adapters():
     layers = lora.enable_lora(loaded.model, 8)
     assert {l.name for l in layers} == {"query", "value"} and len(layers) == 12
     adapters = lora.count_params([v for v in loaded.model.weights if lora.is_lora_weight(v)])
-    # Keras' EinsumDense factorisation of a (384, 12 heads, 32) kernel: A (384, 12, r), B (r, 32).
-    assert adapters == 12 * 8 * (384 * 12 + 32)
+    # A rank-8 update of each flattened 384 x (12 heads x 32) kernel: A (384, 8), B (8, 12, 32).
+    assert adapters == 12 * 8 * (384 + 384)
     assert lora.count_params(model.trainable_weights) == adapters + 384 * 4 + 4
+    backbone = lora.count_params([v for v in loaded.model.weights if not lora.is_lora_weight(v)])
+    assert adapters / backbone <= 0.01  # the issue's budget for rank 8 (0.32%)
 
 
 def test_config_refuses_unfreeze_distill_and_random_init():
@@ -136,6 +166,14 @@ def test_text_artefact_reloads_onto_a_fresh_base_and_merges(bert_preset, tmp_pat
     assert info["base"]["preset"] == bert_preset and info["params"]["trainable"] == lora.count_params(
         model.trainable_weights)
     np.testing.assert_allclose(fresh(ids)["label"].numpy(), expected, atol=1e-6)
+    # An artefact of format 1 (per-head adapters) is refused with one line.
+    old = tmp_path / "v1"
+    old.mkdir()
+    info_v1 = json.load(open(os.path.join(directory, "adapter.json")))
+    (old / "adapter.json").write_text(json.dumps({**info_v1, "format_version": 1}))
+    (old / "weights.npz").write_bytes(open(os.path.join(directory, "weights.npz"), "rb").read())
+    with pytest.raises(UserError, match="has format_version 1; this tftransfer reads 2"):
+        lora.load_adapter_model(str(old))
     plain = lora.merge(fresh)
     assert not [v.path for v in plain.weights if "lora" in v.path]
     assert not any(getattr(l, "lora_enabled", False) for l in plain._flatten_layers())

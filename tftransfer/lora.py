@@ -2,15 +2,26 @@
 
 `train.lora: {rank: 8, alpha: 16, targets: default}` in a config (or
 `enable_lora` from a notebook) freezes every backbone weight and adds a
-rank-`r` update `(alpha / r) * A @ B` to the kernels of the target layers
-(Keras' own `enable_lora` on `Dense`, `EinsumDense`, `Embedding`, `Conv2D`).
+rank-`r` update `(alpha / r) * A @ B` to the kernels of the target layers.
 Only `A`, `B` and the heads train.
+
+Rank `r` means what it means in Hu et al. 2021 (and PEFT): a rank-`r`
+update of the layer's weight matrix, the kernel flattened to
+`(fan_in, fan_out)` (the axes the input contracts, the axes it produces).
+Keras' own `enable_lora` does exactly that for `Dense`, `Conv2D`,
+`Embedding` and an `EinsumDense` whose only output axis is the kernel's last
+one (attention output `(heads, head_dim, hidden)`), and we use it there. For
+an `EinsumDense` with several output axes it falls short: it factorises
+along the last axis only, so an attention query kernel `(hidden, heads,
+head_dim)` gets `A: (hidden, heads, r)`, `B: (r, head_dim)`, rank `r` per
+head (12x the parameters on MiniLM). Those layers get our own adapter
+(`_FlatAdapter`): `A: (hidden, r)`, `B: (r, heads, head_dim)`.
 
 Targets (`targets: default`):
 - BERT family (keras-hub presets, local keras-hub dirs, Hugging Face BERT
   checkpoints through `tftransfer.hf_bert.HFBertBackbone`): keras-hub's own
   default, the attention `query` and `value` projections of every layer
-  (`Backbone.default_lora_layer_names()`).
+  (`Backbone.default_lora_layer_names()`, Hu et al.'s choice).
 - Convolutional backbones (ResNet): every `Conv2D` of the backbone, stem and
   shortcut projections included (a 1x1 or kxk kernel `(kh, kw, in, out)` gets
   `A: (kh, kw, in, r)`, `B: (r, out)`); BatchNorm stays frozen in inference
@@ -18,8 +29,9 @@ Targets (`targets: default`):
 - Or a list of layer names (`targets: [query, value, key]`): every layer of
   the backbone with that name gets an adapter.
 
-Trainable parameters per target: `r * (prod(kernel.shape[:-1]) + kernel.shape[-1])`
-(e.g. BERT query `(hidden, heads, head_dim)`: `r * (hidden * heads + head_dim)`).
+Trainable parameters per target: `r * (fan_in + fan_out)` (e.g. BERT query
+`(hidden, heads, head_dim)`: `r * (hidden + heads * head_dim)`; a Conv2D
+kernel `(kh, kw, in, out)`: `r * (kh * kw * in + out)`).
 
 We call the layers' `enable_lora` ourselves instead of keras-hub's
 `Backbone.enable_lora`, because the latter takes no `alpha`, leaves the
@@ -27,7 +39,9 @@ target layers' biases trainable and knows no convolutional default.
 
 The work dir keeps `W/lora/` (`adapter.json` + `weights.npz`): the adapters
 and the heads only, with the base named by its preset / path and a SHA-256
-of its weights. `load_adapter_model(W/lora)` rebuilds the model on the named
+of its weights. Format 2 (flattened adapters); an artefact of format 1
+(per-head attention adapters, before 2026-12-06) is refused with a
+one-line error: retrain it. `load_adapter_model(W/lora)` rebuilds the model on the named
 base and refuses (UserError) a base whose weights changed;
 `python -m tftransfer.export` exports a LoRA work dir from it with the
 adapters merged into plain kernels (`merge`): the SavedModel has no LoRA
@@ -54,9 +68,10 @@ from tftransfer.keras_private import sublayers
 
 ADAPTER_FILE = "adapter.json"
 WEIGHTS_FILE = "weights.npz"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 DEFAULT_TARGETS = "default"
 LORA_WEIGHT_NAMES = ("lora_kernel_a", "lora_kernel_b")
+FLAT_ADAPTER = "_tftransfer_lora_adapter"  # attribute of a layer with our own adapter
 # Keras layers that implement `enable_lora`.
 LORA_LAYER_TYPES = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding,
                     keras.layers.Conv2D)
@@ -145,11 +160,122 @@ def enable_lora(backbone, rank, alpha=None, targets=DEFAULT_TARGETS):
         layer.trainable = False
     for layer in layers:
         layer.trainable = True
-        layer.enable_lora(rank, lora_alpha=alpha)
+        _add_adapter(layer, rank, alpha)
         bias = getattr(layer, "bias", None)
         if bias is not None:
             bias.trainable = False  # keras-hub leaves it trainable; LoRA trains A and B only
     return layers
+
+
+class _FlatAdapter:
+    """Our LoRA on an `EinsumDense` whose kernel has several output axes (see the module docstring).
+
+    Keras' `EinsumDense.enable_lora` (3.15) factorises along the kernel's
+    last axis only; here `A` spans the kernel axes the input contracts and
+    `B` the output axes, so `A @ B` is a rank-`r` update of the flattened
+    `(fan_in, fan_out)` matrix. Forward: `einsum(x, W) + (alpha / r) *
+    einsum(einsum(x, A), B)`, then bias and activation, as Keras'
+    `EinsumDense.call` (unquantised layers only). The layer keeps its class
+    and config (no `lora_rank`): `model.save` stores the merged kernel and
+    the bias, which reload as a plain `EinsumDense`.
+    """
+
+    def __init__(self, layer, rank, alpha):
+        if layer.quantization_mode is not None or layer.kernel_constraint is not None:
+            raise UserError(f"train.lora: layer {layer.name!r} is quantised or has a kernel constraint; "
+                            f"LoRA adapts plain float kernels only.")
+        x, rest = layer.equation.split(",")
+        kernel, y = rest.split("->")
+        k_in = "".join(a for a in kernel if a in x)
+        k_out = "".join(a for a in kernel if a not in x)
+        r = next(c for c in "zyxwvutsrqponmlkjihgfedcba" if c not in layer.equation)
+        keep = "".join(a for a in y if a not in k_out)  # batch / sequence axes ("..." included)
+        self.down, self.up = f"{x},{k_in}{r}->{keep}{r}", f"{keep}{r},{r}{k_out}->{y}"
+        self.delta = f"{k_in}{r},{r}{k_out}->{kernel}"
+        shape = dict(zip(kernel, layer._kernel.shape))
+        self.layer, self.scale = layer, (alpha if alpha is not None else rank) / rank
+        self.rank, self.alpha = rank, alpha
+        layer._tracker.unlock()
+        layer.lora_kernel_a = layer.add_weight(
+            name="lora_kernel_a", shape=tuple(shape[a] for a in k_in) + (rank,), initializer="he_uniform",
+            dtype="float32", regularizer=layer.kernel_regularizer)
+        layer.lora_kernel_b = layer.add_weight(
+            name="lora_kernel_b", shape=(rank,) + tuple(shape[a] for a in k_out), initializer="zeros",
+            dtype="float32", regularizer=layer.kernel_regularizer)
+        layer._kernel.trainable = False
+        layer._tracker.lock()
+        object.__setattr__(layer, FLAT_ADAPTER, self)
+        object.__setattr__(layer, "call", self.call)
+        self.install_io()
+
+    @staticmethod
+    def needed(layer):
+        """Whether Keras' own factorisation is not the flattened one (several output axes, or not last)."""
+        if not isinstance(layer, keras.layers.EinsumDense):
+            return False
+        x, rest = layer.equation.split(",")
+        kernel = rest.split("->")[0]
+        return [a for a in kernel if a not in x] != [kernel[-1]]
+
+    def merged_kernel(self):
+        """`W + (alpha / r) * A @ B`, in the kernel's shape."""
+        layer = self.layer
+        update = keras.ops.einsum(self.delta, layer.lora_kernel_a, layer.lora_kernel_b)
+        return keras.ops.add(layer._kernel, keras.ops.cast(self.scale * update, layer._kernel.dtype))
+
+    def call(self, inputs, training=None):
+        layer = self.layer
+        x = keras.ops.einsum(layer.equation, inputs, layer._kernel)
+        lora_x = keras.ops.einsum(self.up, keras.ops.einsum(self.down, inputs, layer.lora_kernel_a),
+                                  layer.lora_kernel_b)
+        x = keras.ops.add(x, self.scale * lora_x)
+        if layer.bias is not None:
+            x = keras.ops.add(x, layer.bias)
+        if layer.activation is not None:
+            x = layer.activation(x)
+        return x
+
+    def install_io(self):
+        """`save_own_variables` / `load_own_variables` of a plain `EinsumDense` with the merged kernel."""
+        layer = self.layer
+
+        def save_own_variables(store):
+            store["0"] = keras.ops.convert_to_numpy(self.merged_kernel())
+            if layer.bias is not None:
+                store["1"] = keras.ops.convert_to_numpy(layer.bias)
+
+        def load_own_variables(store):  # a merged kernel; fresh (zero) adapters, like Keras'
+            layer._kernel.assign(store["0"])
+            if layer.bias is not None:
+                layer.bias.assign(store["1"])
+            layer.lora_kernel_a.assign(keras.ops.zeros(layer.lora_kernel_a.shape))
+            layer.lora_kernel_b.assign(keras.ops.zeros(layer.lora_kernel_b.shape))
+
+        object.__setattr__(layer, "save_own_variables", save_own_variables)
+        object.__setattr__(layer, "load_own_variables", load_own_variables)
+
+
+def _adapter(layer):
+    return layer.__dict__.get(FLAT_ADAPTER)
+
+
+def is_adapted(layer):
+    return getattr(layer, "lora_enabled", False) or _adapter(layer) is not None
+
+
+def _add_adapter(layer, rank, alpha):
+    if _FlatAdapter.needed(layer):
+        _FlatAdapter(layer, rank, alpha)
+    else:
+        layer.enable_lora(rank, lora_alpha=alpha)
+
+
+def merged_kernel(layer):
+    """The adapted layer's kernel (or embeddings) with its adapter merged in."""
+    adapter = _adapter(layer)
+    if adapter is not None:
+        return adapter.merged_kernel()
+    return layer.kernel if hasattr(layer, "_kernel") else layer.embeddings
 
 
 def count_params(variables):
@@ -255,7 +381,7 @@ def raw_checkpoints(layers, on):
 
     Keras 3.15's `save_own_variables` stores an adapted kernel with the
     adapter merged in, and `load_own_variables` loads it into the kernel and
-    zeroes the adapters. Right for `model.save` (a plain, merged model), wrong
+    zeroes the adapters (so does `_FlatAdapter`). Right for `model.save` (a plain, merged model), wrong
     for `BackupAndRestore`: a resumed run would bake the adapters into the
     frozen base and restart them from zero. While training, the adapted layers
     use the base `Layer` methods instead: every weight saved and loaded as is.
@@ -269,6 +395,8 @@ def raw_checkpoints(layers, on):
         else:
             for name in ("save_own_variables", "load_own_variables"):
                 layer.__dict__.pop(name, None)
+            if _adapter(layer) is not None:
+                _adapter(layer).install_io()
 
 
 def base_spec(backbone_config):
@@ -329,6 +457,10 @@ def read_artefact(directory):
             arrays = [data[f"v{i}"] for i in range(len(info["variables"]))]
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"LoRA artefact {directory!r} is unreadable ({e}); re-run training.")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"LoRA artefact {directory!r} has format_version {info.get('format_version')!r}; this tftransfer reads "
+            f"{FORMAT_VERSION} (rank-r adapters of the flattened attention projections, not per head); retrain it.")
     return info, arrays
 
 
@@ -394,8 +526,8 @@ def _strip_lora(config):
 def merge(model):
     """A copy of `model` with every adapter merged into its kernel and no LoRA variables.
 
-    Each adapted kernel becomes `W + (alpha / r) * A @ B` (the layers'
-    own `kernel` property); all other weights are copied. Built from the
+    Each adapted kernel becomes `W + (alpha / r) * A @ B` (`merged_kernel`);
+    all other weights are copied. Built from the
     model's config with `lora_rank` removed, so nothing re-creates adapters.
     """
     from tftransfer import workdir
@@ -404,10 +536,8 @@ def merge(model):
     plain = keras.saving.deserialize_keras_object(_strip_lora(keras.saving.serialize_keras_object(model)))
     merged = {}
     for layer in sublayers(model):
-        if getattr(layer, "lora_enabled", False):
-            merged[id(layer._kernel if hasattr(layer, "_kernel") else layer._embeddings)] = (
-                layer.kernel if hasattr(layer, "_kernel") else layer.embeddings
-            )
+        if is_adapted(layer):
+            merged[id(layer._kernel if hasattr(layer, "_kernel") else layer._embeddings)] = merged_kernel(layer)
     source = [v for v in model.weights if not is_lora_weight(v)]
     target = plain.weights
     if [tuple(v.shape) for v in source] != [tuple(v.shape) for v in target]:

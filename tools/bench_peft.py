@@ -118,7 +118,7 @@ def lora_step(out, seeds, results):
                 train = (f"{{epochs: 3, optimizer: adamw, learning_rate: 0.0001, weight_decay: 0.01, "
                          f"lr_schedule: cosine, seed: {seed}, verbose: 0}}")
             else:
-                train = (f"{{epochs: 3, optimizer: adamw, learning_rate: 0.001, lr_schedule: cosine, "
+                train = (f"{{epochs: 3, optimizer: adamw, learning_rate: 0.002, lr_schedule: cosine, "
                          f"seed: {seed}, verbose: 0, lora: {{rank: 8, alpha: 16}}}}")
             key = f"{mode}_s{seed}"
             if key in results.get("lora", {}):

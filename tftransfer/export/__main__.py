@@ -46,7 +46,8 @@ flags.DEFINE_enum("format", "saved_model", ["saved_model", "tflite"], "What to w
 flags.DEFINE_enum(
     "quantize", "none", ["none", "float16", "dynamic_range", "int8"],
     "TFLite: none (float32), float16 (~1/2 size), dynamic_range (int8 weights, ~1/4 size) or int8 "
-    "(full integer: int8 weights and activations, calibrated on training examples). SavedModel: none or "
+    "(int8 weights and activations, calibrated on training examples; full integer for images, text keeps "
+    "layer norms, residual adds, attention softmax / matmuls and pooling in float). SavedModel: none or "
     "int8 (Keras model.quantize, text models).",
 )
 flags.DEFINE_float(
@@ -90,6 +91,9 @@ def main(argv):
             f"quantize={result['quantize']}, {result['size_ratio']:.2f}x the float32 weights "
             f"of {result['float32_weights_bytes'] / 1e6:.2f} MB)"
         )
+        if result.get("float_ops"):
+            print(f"not full-integer: {', '.join(result['float_ops'])} compute in float32 (tftransfer.json: "
+                  f"tflite.float_ops)")
     else:
         print(f"exported {result['path']}")
 

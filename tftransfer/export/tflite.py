@@ -21,14 +21,18 @@ Quantisation (`quantize`):
   float32 on CPU.
 - `dynamic_range`: weights stored as int8 (about a quarter of the size),
   activations quantised on the fly.
-- `int8`: full-integer quantisation: int8 weights *and* int8 activations,
-  with activation ranges calibrated on `representative_data` (examples of
-  the run's own training data). Input and output stay float32 / int32 (the
-  interpreter quantises the input and dequantises the outputs), so clients
-  call it exactly like the float model. What an int8-only accelerator needs.
-  On BERT-family models the layer norms' mean negation (`NEG`, which has no
-  int8 kernel) runs in float between a dequantise and a quantise; every
-  matrix multiplication, convolution, embedding lookup and activation is int8.
+- `int8`: int8 weights *and* int8 activations, with activation ranges
+  calibrated on `representative_data` (examples of the run's own training
+  data). Input and output stay float32 / int32 (the interpreter quantises
+  the input and dequantises the outputs), so clients call it exactly like
+  the float model. Image models (ResNet): full-integer, what an int8-only
+  accelerator needs. Text (BERT family): every weight projection
+  (`FULLY_CONNECTED`), the feed-forward network and the embedding
+  lookups are int8, but the layer normalisations, the residual additions, the
+  attention-mask select, softmax and attention matrix products, and the
+  heads' mean pooling run in float32 between a dequantise and a quantise (see `FLOAT_OPS_TEXT_INT8`):
+  mixed int8 / float, not full-integer. `tftransfer.json` names them (`tflite.float_ops`,
+  `tflite.integer_only`).
 The tolerances the tests hold are in `TOLERANCE`.
 
 Every quantised export measures what it costs in validation accuracy when
@@ -37,6 +41,7 @@ given `validation_data` (see `tftransfer.export.quantize`), records it under
 `max_accuracy_drop`.
 """
 
+import contextlib
 import json
 import os
 import tempfile
@@ -79,6 +84,17 @@ def tflite_function(model, preprocessor, modality, heads):
     return serve
 
 
+@contextlib.contextmanager
+def saved_model_converter(model, preprocessor, modality, heads):
+    """A `tf.lite.TFLiteConverter` of the preprocessed serving function (valid inside the `with`)."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", tflite_function(model, preprocessor, modality, heads))
+    with tempfile.TemporaryDirectory(prefix="tftransfer-tflite-") as tmp:
+        archive.write_out(tmp, verbose=False)
+        yield tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["serving_default"])
+
+
 def convert(model, preprocessor, modality, heads, quantize="none", representative_data=None):
     """The model (preprocessed input, no string outputs) as TFLite flatbuffer bytes.
 
@@ -102,12 +118,7 @@ def convert(model, preprocessor, modality, heads, quantize="none", representativ
         representative_data = list(representative_data or [])
         if not representative_data:
             raise UserError("--quantize=int8 needs representative examples (the training data) to calibrate; none given.")
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint("serving_default", tflite_function(model, preprocessor, modality, heads))
-    with tempfile.TemporaryDirectory(prefix="tftransfer-tflite-") as tmp:
-        archive.write_out(tmp, verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["serving_default"])
+    with saved_model_converter(model, preprocessor, modality, heads) as converter:
         if quantize != "none":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if quantize == "float16":
@@ -122,7 +133,7 @@ def convert(model, preprocessor, modality, heads, quantize="none", representativ
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         try:
             if quantize == "int8" and modality == "text":
-                return _int8_keeping_masked_softmax_float(converter)
+                return _int8_text(converter, model, heads)
             return converter.convert()
         except Exception as e:  # the converter raises ConverterError and others.
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -148,21 +159,71 @@ def interpreter_predict(flatbuffer):
     return predict
 
 
-# BERT attention masks padding by selecting -1e9 before the softmax: calibrated
-# per tensor, that input gets a scale of ~4e6, every real attention logit
-# rounds to the zero point, and attention becomes uniform (measured: MiniLM
-# drug-review accuracy 0.68 -> 0.28). Those two ops stay float.
-FLOAT_OPS_TEXT_INT8 = ("SELECT_V2", "SOFTMAX")
+# Text int8 keeps some ops in float32 (TFLite's selective quantisation), each
+# between a dequantise and a quantise; measured on MiniLM drug reviews with
+# `tools/int8_debug.py` (BENCHMARKS.md, "int8"):
+# - BERT attention masks padding by selecting -1e9 before the softmax:
+#   calibrated per tensor, that input gets a scale of ~4e6, every real
+#   attention logit rounds to the zero point. The select and the softmax stay
+#   float.
+# - The attention matrix products (`BATCH_MATMUL`: query x key, and the
+#   softmax probabilities x value): int8 probabilities have a step of 1/255,
+#   coarser than a typical weight over 64 positions (RMSE of the context 21
+#   steps).
+# - Layer normalisation: the variance (MEAN of squared differences) and its
+#   RSQRT of the residual stream, which has a few outlier dimensions, lose
+#   everything in int8 (RMSE 18-186x the quantisation step, against 0.29 for
+#   rounding). Every op inside a `LayerNormalization` layer stays float, and
+#   so does the heads' masked mean pooling (a sum over the sequence).
+# - The residual additions (`ADD`): the residual stream's outlier dimensions
+#   set a per-tensor int8 step too coarse for all the others (a hypothesis:
+#   the debugger measures error in steps, so a coarse step does not show).
+# The per-tensor errors above are what the debugger measured; what keeping
+# these ops float buys in accuracy is in BENCHMARKS.md ("int8 TFLite"): on
+# MiniLM it stays over a one-point budget, and `dynamic_range` loses nothing.
+FLOAT_OPS_TEXT_INT8 = ("SELECT_V2", "SOFTMAX", "BATCH_MATMUL", "ADD")
 
 
-def _int8_keeping_masked_softmax_float(converter):
-    """Full-integer conversion with `FLOAT_OPS_TEXT_INT8` left in float (TFLite's selective quantisation)."""
+def float_scopes(model, heads):
+    """A regex matching the TFLite tensor names made inside `model`'s LayerNormalization and pooling layers."""
+    import re
+
+    from tftransfer.heads import pool_layer_name
+    from tftransfer.keras_private import sublayers
+
+    names = {l.name for l in sublayers(model) if isinstance(l, keras.layers.LayerNormalization)}
+    names |= {pool_layer_name(h) for h in heads}
+    return re.compile("/(" + "|".join(re.escape(n) for n in sorted(names)) + r")(_\d+)?/")
+
+
+def _int8_text(converter, model, heads):
+    """Int8 conversion with `FLOAT_OPS_TEXT_INT8` and `float_scopes` left in float."""
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(FLOAT_OPS_TEXT_INT8))
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter, debug_dataset=converter.representative_dataset, debug_options=options
     )
+    scopes = float_scopes(model, heads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        calibrated = tf.lite.Interpreter(model_content=debugger.calibrated_model)
+    nodes = [d["name"] for d in calibrated.get_tensor_details() if scopes.search(d["name"])]
+    debugger.options = tf.lite.experimental.QuantizationDebugOptions(  # re-quantised, not re-calibrated
+        denylisted_ops=list(FLOAT_OPS_TEXT_INT8), denylisted_nodes=nodes)
     return debugger.get_nondebug_quantized_model()
+
+
+def float_ops(flatbuffer):
+    """Sorted names of the ops that compute in float32 (not counting (de)quantise), for the metadata."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        interpreter = tf.lite.Interpreter(  # no XNNPACK: its DELEGATE node would hide the ops it takes
+            model_content=flatbuffer,
+            experimental_op_resolver_type=tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    dtypes = {d["index"]: d["dtype"] for d in interpreter.get_tensor_details()}
+    return sorted({o["op_name"] for o in interpreter._get_ops_details()  # private: no public op listing
+                   if o["op_name"] not in ("QUANTIZE", "DEQUANTIZE")
+                   and any(dtypes.get(i) == np.float32 for i in o["outputs"])})
 
 
 def export_tflite(model, preprocessor, modality, heads, export_base, version=None,
@@ -195,8 +256,9 @@ def export_tflite(model, preprocessor, modality, heads, export_base, version=Non
     Returns:
         dict. `path` (version dir), `tflite_file`, `size_bytes`,
         `float32_weights_bytes` (4 bytes x parameters: what an unquantised
-        model stores), `size_ratio` (size / float32 weights) and
-        `accuracy` (the record, or None when not measured).
+        model stores), `size_ratio` (size / float32 weights),
+        `accuracy` (the record, or None when not measured) and, for int8,
+        `float_ops` (ops still computing in float32) and `integer_only`.
 
     Example:
     ```python
@@ -222,6 +284,9 @@ def export_tflite(model, preprocessor, modality, heads, export_base, version=Non
     weights_bytes = 4 * model.count_params()
     info = dict(size_bytes=len(flatbuffer), float32_weights_bytes=weights_bytes,
                 size_ratio=round(len(flatbuffer) / weights_bytes, 4), quantize=quantize)
+    if quantize == "int8":  # what is not integer, named (text: layer norms, mask select, softmax)
+        info["float_ops"] = float_ops(flatbuffer)
+        info["integer_only"] = not info["float_ops"]
 
     def write(directory):
         with open(os.path.join(directory, TFLITE_FILE), "wb") as f:
