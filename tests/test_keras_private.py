@@ -7,6 +7,7 @@ never unfreezes, a learning-rate multiplier that finds no variable).
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tftransfer import keras_private
@@ -56,3 +57,21 @@ def test_stateless_seed_depends_only_on_its_seed():
     assert all(np.array_equal(x, y) for x, y in zip(first, again))
     assert not np.allclose(first[0], first[1])  # each draw is a new one
     assert not np.allclose(first[0], other[0])
+
+
+def test_kernel_variable_and_adding_weights_to_a_built_layer():
+    dense = keras.layers.EinsumDense("ab,bcd->acd", output_shape=(2, 3))
+    dense.build((None, 4))
+    embedding = keras.layers.Embedding(5, 3)
+    embedding.build((None,))
+    assert keras_private.kernel_variable(dense) is dense.kernel  # no Keras LoRA: the variable itself
+    assert keras_private.kernel_variable(embedding) is embedding.embeddings
+    dense.enable_lora(1)  # the public property is now the merged value, not the variable
+    assert keras_private.kernel_variable(dense) is not dense.kernel
+    assert isinstance(keras_private.kernel_variable(dense), keras.Variable)
+    before = len(dense.weights)
+    with pytest.raises(ValueError):
+        dense.add_weight(name="extra", shape=(1,))  # a built layer refuses new weights
+    with keras_private.weights_unlocked(dense):
+        dense.extra = dense.add_weight(name="extra", shape=(1,))
+    assert len(dense.weights) == before + 1

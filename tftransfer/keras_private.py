@@ -26,6 +26,33 @@ def sublayers(layer, include_self=False, recursive=True):
     return list(layer._flatten_layers(include_self=include_self, recursive=recursive))
 
 
+def kernel_variable(layer):
+    """The stored kernel variable of a `Dense` / `EinsumDense` (`_kernel`) or
+    the table of an `Embedding` (`_embeddings`).
+
+    The public `kernel` / `embeddings` properties return the LoRA-merged
+    value once Keras' adapters are on, not the variable; LoRA merging and
+    our own adapters (`tftransfer.lora`) must read and assign the variable.
+    """
+    return layer._kernel if hasattr(layer, "_kernel") else layer._embeddings
+
+
+class weights_unlocked:
+    """Context manager: add weights to an already built layer
+    (`Layer._tracker.unlock()` / `lock()`, as Keras' own `enable_lora` does;
+    a built layer refuses new variables otherwise)."""
+
+    def __init__(self, layer):
+        self.tracker = layer._tracker
+
+    def __enter__(self):
+        self.tracker.unlock()
+
+    def __exit__(self, *exc):
+        self.tracker.lock()
+        return False
+
+
 def variable_key(optimizer, variable):
     """The optimizer's key for `variable` (`BaseOptimizer._var_key`).
 

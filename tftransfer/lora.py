@@ -64,7 +64,7 @@ import numpy as np
 from absl import logging
 
 from tftransfer.errors import UserError
-from tftransfer.keras_private import sublayers
+from tftransfer.keras_private import kernel_variable, sublayers, weights_unlocked
 
 ADAPTER_FILE = "adapter.json"
 WEIGHTS_FILE = "weights.npz"
@@ -192,18 +192,17 @@ class _FlatAdapter:
         keep = "".join(a for a in y if a not in k_out)  # batch / sequence axes ("..." included)
         self.down, self.up = f"{x},{k_in}{r}->{keep}{r}", f"{keep}{r},{r}{k_out}->{y}"
         self.delta = f"{k_in}{r},{r}{k_out}->{kernel}"
-        shape = dict(zip(kernel, layer._kernel.shape))
+        shape = dict(zip(kernel, kernel_variable(layer).shape))
         self.layer, self.scale = layer, (alpha if alpha is not None else rank) / rank
         self.rank, self.alpha = rank, alpha
-        layer._tracker.unlock()
-        layer.lora_kernel_a = layer.add_weight(
-            name="lora_kernel_a", shape=tuple(shape[a] for a in k_in) + (rank,), initializer="he_uniform",
-            dtype="float32", regularizer=layer.kernel_regularizer)
-        layer.lora_kernel_b = layer.add_weight(
-            name="lora_kernel_b", shape=(rank,) + tuple(shape[a] for a in k_out), initializer="zeros",
-            dtype="float32", regularizer=layer.kernel_regularizer)
-        layer._kernel.trainable = False
-        layer._tracker.lock()
+        with weights_unlocked(layer):
+            layer.lora_kernel_a = layer.add_weight(
+                name="lora_kernel_a", shape=tuple(shape[a] for a in k_in) + (rank,), initializer="he_uniform",
+                dtype="float32", regularizer=layer.kernel_regularizer)
+            layer.lora_kernel_b = layer.add_weight(
+                name="lora_kernel_b", shape=(rank,) + tuple(shape[a] for a in k_out), initializer="zeros",
+                dtype="float32", regularizer=layer.kernel_regularizer)
+            kernel_variable(layer).trainable = False
         object.__setattr__(layer, FLAT_ADAPTER, self)
         object.__setattr__(layer, "call", self.call)
         self.install_io()
@@ -221,11 +220,12 @@ class _FlatAdapter:
         """`W + (alpha / r) * A @ B`, in the kernel's shape."""
         layer = self.layer
         update = keras.ops.einsum(self.delta, layer.lora_kernel_a, layer.lora_kernel_b)
-        return keras.ops.add(layer._kernel, keras.ops.cast(self.scale * update, layer._kernel.dtype))
+        kernel = kernel_variable(layer)
+        return keras.ops.add(kernel, keras.ops.cast(self.scale * update, kernel.dtype))
 
     def call(self, inputs, training=None):
         layer = self.layer
-        x = keras.ops.einsum(layer.equation, inputs, layer._kernel)
+        x = keras.ops.einsum(layer.equation, inputs, kernel_variable(layer))
         lora_x = keras.ops.einsum(self.up, keras.ops.einsum(self.down, inputs, layer.lora_kernel_a),
                                   layer.lora_kernel_b)
         x = keras.ops.add(x, self.scale * lora_x)
@@ -245,7 +245,7 @@ class _FlatAdapter:
                 store["1"] = keras.ops.convert_to_numpy(layer.bias)
 
         def load_own_variables(store):  # a merged kernel; fresh (zero) adapters, like Keras'
-            layer._kernel.assign(store["0"])
+            kernel_variable(layer).assign(store["0"])
             if layer.bias is not None:
                 layer.bias.assign(store["1"])
             layer.lora_kernel_a.assign(keras.ops.zeros(layer.lora_kernel_a.shape))
@@ -537,7 +537,7 @@ def merge(model):
     merged = {}
     for layer in sublayers(model):
         if is_adapted(layer):
-            merged[id(layer._kernel if hasattr(layer, "_kernel") else layer._embeddings)] = merged_kernel(layer)
+            merged[id(kernel_variable(layer))] = merged_kernel(layer)
     source = [v for v in model.weights if not is_lora_weight(v)]
     target = plain.weights
     if [tuple(v.shape) for v in source] != [tuple(v.shape) for v in target]:
