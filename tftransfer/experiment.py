@@ -331,6 +331,36 @@ def check_modality(cfg, loaded, labelled):
         )
 
 
+def check_recipe(cfg, loaded, run):
+    """`train.recipe` against the loaded backbone and the strategy (before the work dir is written)."""
+    if cfg.train.recipe == "contrastive":
+        import tensorflow as tf
+
+        from tftransfer import contrastive
+
+        contrastive.check_applicable(loaded.modality, run.cluster.num_workers,
+                                     tpu=isinstance(run.strategy, tf.distribute.TPUStrategy))
+
+
+def contrastive_phase(cfg, run, model, loaded, labelled, heads):
+    """`train.recipe: contrastive`: the backbone of `model` first trains on SetFit sentence
+    pairs of the training split (`tftransfer.contrastive`), in place; the run then goes on
+    as configured. Returns metrics.json's `contrastive` entry, or None for `finetune`."""
+    if cfg.train.recipe != "contrastive":
+        return None
+    from tftransfer import builders, contrastive, workdir
+    from tftransfer.progress import keras_verbose
+
+    c = cfg.train.contrastive
+    with run.strategy.scope():
+        encoder = builders.features_model(model, heads, name="sentence_encoder")
+    return contrastive.run_phase(
+        encoder, loaded.model, labelled.train, loaded.preprocessor, run.path(workdir.CONTRASTIVE),
+        num_iterations=c.num_iterations, loss=c.loss, margin=c.margin, epochs=c.epochs,
+        learning_rate=c.learning_rate, batch_size=c.batch_size, seed=cfg.train.seed, strategy=run.strategy,
+        verbose=keras_verbose(cfg.train.verbose))
+
+
 def transfer_model(cfg, loaded, heads, total_steps, log_dir=None):
     """The compiled transfer model and its `ProgressiveUnfreezing` callback
     (call inside the strategy scope)."""

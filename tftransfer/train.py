@@ -42,6 +42,7 @@ def main(argv):
     with run.strategy.scope():
         loaded = experiment.backbone_from_config(cfg)
         experiment.check_modality(cfg, loaded, labelled)
+        experiment.check_recipe(cfg, loaded, run)
         model, unfreezing = experiment.transfer_model(
             cfg, loaded, heads, steps * cfg.train.epochs, log_dir=run.path(workdir.LOGS))
     cache = experiment.data_cache(cfg, labelled, loaded, run.path(workdir.DATA_CACHE))
@@ -58,6 +59,9 @@ def main(argv):
               f"{labelled.validation.num_examples if labelled.validation else 0} validation "
               f"examples, global batch {global_batch}, {steps} steps per epoch")
     experiment.write_train_ids(cfg, run, labelled)
+
+    # 5b. train.recipe contrastive (SetFit): the encoder first trains on sentence pairs.
+    contrastive = experiment.contrastive_phase(cfg, run, model, loaded, labelled, heads)
 
     # 6. train.cache_features: a frozen backbone runs once; the head model trains on its features.
     features = experiment.cached_features(cfg, run, model, loaded, labelled, heads, steps * cfg.train.epochs)
@@ -88,6 +92,8 @@ def main(argv):
             k: float(v) for k, v in trained.evaluate(val_ds, return_dict=True, verbose=0).items()}
         metrics["num_validation_examples"] = labelled.validation.num_examples
     metrics["heads"] = experiment.per_head(metrics, heads)
+    if contrastive is not None:
+        metrics["contrastive"] = contrastive
     run.save_model(model)
     adapters = unfreezing if cfg.train.lora is not None else None  # LoRA: its callback holds the adapters
     export = experiment.export(cfg, run, model, loaded, heads, adapters=adapters)
