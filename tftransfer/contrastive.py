@@ -197,9 +197,10 @@ def train_encoder(encoder, split, preprocessor, *, num_iterations=20, loss="cosi
                   learning_rate=2e-5, batch_size=16, seed=0, strategy=None, verbose=0):
     """Phase 1: train `encoder`'s weights in place on SetFit pairs of `split`.
 
-    The optimizer is AdamW (weight decay 0.01) with a linear warm-up over the
-    first 10% of steps and a linear decay after (`SlantedTriangular`, close
-    to sentence-transformers' WarmupLinear that SetFit uses). The loss is
+    The optimizer is AdamW (weight decay 0.01) with a linear warm-up from
+    `learning_rate / 32` over the first 10% of steps and a linear decay back
+    after (`SlantedTriangular`; sentence-transformers' WarmupLinear, which
+    SetFit uses, warms up from and decays to 0). The loss is
     measured in inference mode on a seeded sample of `PROBE_PAIRS` pairs
     before and after training.
 
