@@ -71,7 +71,8 @@ def one(out, method, k, seed, paths):
             run("tftransfer.train", f"--config={config(out, method, k, seed, paths)}", f"--workdir={W}")
         run("tftransfer.evaluate", f"--workdir={W}", f"--config.data.validation_path={paths['test']}")
     metrics = json.load(open(os.path.join(W, "metrics.json")))
-    record = {"accuracy": json.load(open(report))["metrics"]["accuracy"],
+    test = json.load(open(report))["metrics"]
+    record = {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"],
               "train_seconds": round(metrics["train_seconds"], 1),
               "ids": json.load(open(os.path.join(W, "train_ids.json")))["ids"]}
     if "contrastive" in metrics:
@@ -80,15 +81,17 @@ def one(out, method, k, seed, paths):
     return record
 
 
-def table(results, ks, seeds):
-    lines = ["| k | method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+def table(results, ks, seeds, metric="accuracy"):
+    """Markdown: one row per k and method, `metric` per seed and the mean over the seeds run."""
+    lines = ["| k | method | " + " | ".join(f"{metric} seed {s}" for s in seeds) + " | mean |",
              "|---|---|" + "---|" * (len(seeds) + 1)]
     for k in ks:
         for method in METHODS:
-            accs = [results[f"{method}_k{k}_s{s}"]["accuracy"] for s in seeds if f"{method}_k{k}_s{s}" in results]
-            if accs:
-                cells = [f"{a:.3f}" for a in accs] + ["-"] * (len(seeds) - len(accs))
-                lines.append(f"| {k} | {method} | " + " | ".join(cells) + f" | {statistics.mean(accs):.3f} |")
+            done = {s: results[f"{method}_k{k}_s{s}"][metric] for s in seeds if f"{method}_k{k}_s{s}" in results}
+            if done:
+                cells = [f"{done[s]:.3f}" if s in done else "-" for s in seeds]
+                lines.append(f"| {k} | {method} | " + " | ".join(cells) +
+                             f" | {statistics.mean(done.values()):.3f} (n={len(done)}) |")
     return "\n".join(lines)
 
 
@@ -114,7 +117,7 @@ def main():
         return
     for seed in seeds:
         for k in ks:
-            for method in args.methods.split(","):
+            for method in [m for m in args.methods.split(",") if m]:  # --methods= : only the table
                 record = one(out, method, k, seed, paths)
                 print(f"{method}_k{k}_s{seed}", {n: v for n, v in record.items() if n != "ids"}, flush=True)
     # Every finished run in --out (other invocations' too: several can run side by side).
@@ -128,6 +131,7 @@ def main():
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(table(results, ks, seeds))
+    print(table(results, ks, seeds, "macro_f1"))
 
 if __name__ == "__main__":
     main()
