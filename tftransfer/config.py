@@ -338,6 +338,40 @@ class LoraConfig:
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "slanted_triangular")
+RECIPES = ("finetune", "contrastive")
+
+
+@dataclasses.dataclass
+class ContrastiveConfig:
+    """Phase 1 of `train.recipe: contrastive` (SetFit, Tunstall et al. 2022; tftransfer/contrastive.py).
+
+    The encoder trains on sentence pairs of the training examples before the
+    head trains (phase 2: the rest of `train`). Defaults are SetFit's.
+    """
+
+    # Each iteration gives every example one positive and one negative pair:
+    # 2 x num_iterations x examples pairs (SetFit's num_iterations).
+    num_iterations: int = 20
+    # cosine: (cos(u, v) - 1/0)^2 (SetFit's CosineSimilarityLoss); contrastive:
+    # margin loss on the cosine distance (negatives stop pushing once `margin` apart).
+    loss: str = "cosine"
+    margin: float = 0.5
+    epochs: int = 1
+    learning_rate: float = 2e-5
+    # Pairs per batch (each pair: two sentences through the encoder).
+    batch_size: int = 16
+
+    def validate(self, path):
+        from tftransfer.contrastive import PAIR_LOSSES
+
+        _one_of(f"{path}.loss", self.loss, PAIR_LOSSES)
+        for key in ("num_iterations", "epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{path}.{key} must be >= 1. Received: {getattr(self, key)}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise UserError(f"{path}.learning_rate must be a finite number > 0. Received: {self.learning_rate}.")
+        if not 0.0 < self.margin <= 2.0:
+            raise UserError(f"{path}.margin must be in (0, 2] (a cosine distance). Received: {self.margin}.")
 
 
 @dataclasses.dataclass
@@ -384,9 +418,22 @@ class TrainConfig:
     # backbone features once when the backbone is frozen for the whole run and the inputs
     # are not augmented, and trains the head on them; false: the backbone runs every step.
     cache_features: Union[bool, str] = "auto"
+    # finetune: the run as configured. contrastive (SetFit, few-shot text): the
+    # encoder first trains on sentence pairs (train.contrastive), then the run
+    # as configured trains the head (use unfreeze.schedule: frozen, SetFit's).
+    recipe: str = "finetune"
+    # Phase 1 of recipe contrastive (null: the defaults, SetFit's).
+    contrastive: Optional[ContrastiveConfig] = None
 
     def validate(self, path):
         from tftransfer.epoch_selection import KEEP_CHOICES
+
+        _one_of(f"{path}.recipe", self.recipe, RECIPES)
+        if self.recipe == "contrastive" and self.contrastive is None:
+            self.contrastive = ContrastiveConfig()
+        if self.recipe != "contrastive" and self.contrastive is not None:
+            raise UserError(f"{path}.contrastive is read by {path}.recipe: contrastive only (recipe is "
+                            f"{self.recipe}); set {path}.recipe: contrastive or remove {path}.contrastive.")
         from tftransfer.feature_cache import check_mode
 
         check_mode(self.cache_features, f"{path}.cache_features")
@@ -593,6 +640,36 @@ class ExperimentConfig:
         names = [h.name for h in self.heads]
         if len(set(names)) != len(names):
             raise UserError(f"heads: head names must be unique. Received: {names}.")
+        if self.train.recipe == "contrastive":
+            _check_contrastive(self)
+
+
+def _check_contrastive(cfg):
+    """train.recipe contrastive applies to one classification head on mean-pooled single texts."""
+    why = "train.recipe contrastive (SetFit) "
+    head = cfg.heads[0]
+    if len(cfg.heads) > 1:
+        raise UserError(why + f"builds pairs from one class label per example; heads lists "
+                              f"{len(cfg.heads)} heads. Use one head, or train.recipe finetune.")
+    if head.type != "classification":
+        raise UserError(why + f"pairs examples of the same and of different classes; heads.0.type is "
+                              f"{head.type}. Use type classification, or train.recipe finetune.")
+    if head.pooling != "mean":
+        raise UserError(why + f"trains the masked-mean sentence embedding the head then reads "
+                              f"(sentence-transformers' pooling); set heads.0.pooling: mean. "
+                              f"Received: {head.pooling!r}.")
+    if cfg.train.lora is not None:
+        raise UserError(why + "trains every encoder weight on pairs; LoRA keeps them frozen. "
+                              "Remove train.lora, or use train.recipe finetune.")
+    if isinstance(cfg.data.input_key, list):
+        raise UserError(why + f"pairs single texts itself; data.input_key {cfg.data.input_key} gives "
+                              f"sentence pairs. Use one input_key, or train.recipe finetune.")
+    if cfg.backbone.keras_application or cfg.data.source in ("digits", "image_folder"):
+        raise UserError(why + "needs text: a BERT-family backbone and data.source csv, jsonl or tfds "
+                              f"(data.source is {cfg.data.source}).")
+    if cfg.distribute.strategy in ("multi_worker", "tpu"):
+        raise UserError(why + f"runs on one machine; distribute.strategy {cfg.distribute.strategy} is not "
+                              f"supported. Use auto, one_device or mirrored.")
 
 
 # ---------------------------------------------------------------------------

@@ -338,6 +338,36 @@ def check_modality(cfg, loaded, labelled):
         )
 
 
+def check_recipe(cfg, loaded, strategy, num_workers=1):
+    """`train.recipe` against the loaded backbone and the strategy (before the work dir is written)."""
+    if cfg.train.recipe == "contrastive":
+        import tensorflow as tf
+
+        from tftransfer import contrastive
+
+        contrastive.check_applicable(loaded.modality, num_workers,
+                                     tpu=isinstance(strategy, tf.distribute.TPUStrategy))
+
+
+def contrastive_phase(cfg, run, model, loaded, labelled, heads):
+    """`train.recipe: contrastive`: the backbone of `model` first trains on SetFit sentence
+    pairs of the training split (`tftransfer.contrastive`), in place; the run then goes on
+    as configured. Returns metrics.json's `contrastive` entry, or None for `finetune`."""
+    if cfg.train.recipe != "contrastive":
+        return None
+    from tftransfer import builders, contrastive, workdir
+    from tftransfer.progress import keras_verbose
+
+    c = cfg.train.contrastive
+    with run.strategy.scope():
+        encoder = builders.features_model(model, heads, name="sentence_encoder")
+    return contrastive.run_phase(
+        encoder, loaded.model, labelled.train, loaded.preprocessor, run.path(workdir.CONTRASTIVE),
+        num_iterations=c.num_iterations, loss=c.loss, margin=c.margin, epochs=c.epochs,
+        learning_rate=c.learning_rate, batch_size=c.batch_size, seed=cfg.train.seed, strategy=run.strategy,
+        verbose=keras_verbose(cfg.train.verbose))
+
+
 def transfer_model(cfg, loaded, heads, total_steps, log_dir=None):
     """The compiled transfer model and its `ProgressiveUnfreezing` callback
     (call inside the strategy scope)."""
@@ -379,10 +409,11 @@ class Training:
     unfreezing: object
 
 
-def build_training(cfg, strategy, replicas=1, log_dir=None):
+def build_training(cfg, strategy, replicas=1, log_dir=None, num_workers=1):
     """`python -m tftransfer.train` steps 3-4: the data, fully checked; then,
-    inside `strategy`'s scope, the backbone, heads, optimizer and unfreezing
-    schedule (`transfer_model`). Also what the TPU-path test compiles under XLA.
+    inside `strategy`'s scope, the backbone (checked against the data and
+    `train.recipe`), heads, optimizer and unfreezing schedule
+    (`transfer_model`). Also what the TPU-path test compiles under XLA.
 
     Returns:
         `Training`.
@@ -393,6 +424,7 @@ def build_training(cfg, strategy, replicas=1, log_dir=None):
     with strategy.scope():
         loaded = backbone_from_config(cfg)
         check_modality(cfg, loaded, labelled)
+        check_recipe(cfg, loaded, strategy, num_workers)
         model, unfreezing = transfer_model(cfg, loaded, heads, steps * cfg.train.epochs, log_dir=log_dir)
     return Training(labelled, heads, steps, loaded, model, unfreezing)
 

@@ -35,7 +35,8 @@ def main(argv):
 
     # 3-4. Data, fully checked before the work dir is touched; backbone, heads,
     # optimizer, unfreezing inside the strategy scope.
-    built = experiment.build_training(cfg, run.strategy, run.replicas, log_dir=run.path(workdir.LOGS))
+    built = experiment.build_training(cfg, run.strategy, run.replicas, log_dir=run.path(workdir.LOGS),
+                                      num_workers=run.cluster.num_workers)
     labelled, heads, steps = built.labelled, built.heads, built.steps
     loaded, model, unfreezing = built.loaded, built.model, built.unfreezing
     cache = experiment.data_cache(cfg, labelled, loaded, run.path(workdir.DATA_CACHE))
@@ -52,6 +53,9 @@ def main(argv):
               f"{labelled.validation.num_examples if labelled.validation else 0} validation "
               f"examples, global batch {global_batch}, {steps} steps per epoch")
     experiment.write_train_ids(cfg, run, labelled)
+
+    # 5b. train.recipe contrastive (SetFit): the encoder first trains on sentence pairs.
+    contrastive = experiment.contrastive_phase(cfg, run, model, loaded, labelled, heads)
 
     # 6. train.cache_features: a frozen backbone runs once; the head model trains on its features.
     features = experiment.cached_features(cfg, run, model, loaded, labelled, heads, steps * cfg.train.epochs)
@@ -82,6 +86,8 @@ def main(argv):
             k: float(v) for k, v in trained.evaluate(val_ds, return_dict=True, verbose=0).items()}
         metrics["num_validation_examples"] = labelled.validation.num_examples
     metrics["heads"] = experiment.per_head(metrics, heads)
+    if contrastive is not None:
+        metrics["contrastive"] = contrastive
     run.save_model(model)
     adapters = unfreezing if cfg.train.lora is not None else None  # LoRA: its callback holds the adapters
     export = experiment.export(cfg, run, model, loaded, heads, adapters=adapters)

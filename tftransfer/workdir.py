@@ -18,6 +18,8 @@
                       tftransfer.data.cache), W/cache/features/<key>/<split>.npz pooled
                       backbone features (train.cache_features)
     W/lora/           LoRA runs: adapters + heads, base named and hashed (tftransfer.lora)
+    W/contrastive/    train.recipe contrastive: the pair-tuned backbone weights and the
+                      phase's report (a resumed run loads them; tftransfer.contrastive)
     W/metrics.json    written last: its presence means the run finished
 
 An ensemble dir (`python -m tftransfer.export --workdir=E --ensemble=W1,W2`)
@@ -49,12 +51,14 @@ TRAIN_IDS = "train_ids.json"
 BEST_WEIGHTS = os.path.join(CHECKPOINTS, "best.weights.h5")
 REPORT = "report"
 LORA = "lora"
+CONTRASTIVE = "contrastive"
 ENSEMBLE = "ensemble.json"
 CACHE = "cache"
 DATA_CACHE = os.path.join(CACHE, "data")
 FEATURE_CACHE = os.path.join(CACHE, "features")
 RUN_OUTPUTS = (CONFIG, METRICS, BACKUP, CHECKPOINTS, LOGS, EXPORT, MODEL, BACKBONE_PRESET,
-               PREPROCESSOR, HEADS, HISTORY, TRAIN_IDS, "export_token_ids", "tflite", REPORT, CACHE, LORA)
+               PREPROCESSOR, HEADS, HISTORY, TRAIN_IDS, "export_token_ids", "tflite", REPORT, CACHE, LORA,
+               CONTRASTIVE)
 
 
 def atomic_write_text(path, text):
