@@ -260,9 +260,13 @@ def _features_in_memory():
 FEATURES_IN_MEMORY = _features_in_memory()
 
 
-def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1, passes=None, cache=None):
+def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1, passes=None, cache=None,
+              validation=True):
     """(train, validation) datasets; `passes`: see `tftransfer.data.make_pipeline`;
-    `cache`: a `data_cache` plan (None: `data.cache` without a disk directory)."""
+    `cache`: a `data_cache` plan (None: `data.cache` without a disk directory).
+    `validation=False`: the training dataset only (validation None), for callers
+    that rebuild the training stream (a validation pipeline fills its cache
+    when built: one pass over the split)."""
     d = cfg.data
     cache = cache or data_cache(cfg, labelled, loaded)
     augment = []
@@ -279,7 +283,7 @@ def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1, passes=Non
         augment=augment, passes=passes, cache_dir=cache.directory, cache_role="train",
     )
     val = None
-    if labelled.validation is not None:
+    if validation and labelled.validation is not None:
         n = labelled.validation.num_examples
         val = data_lib.make_pipeline(
             labelled.validation, loaded.preprocessor, loaded.modality, heads,

@@ -41,9 +41,10 @@ def main(argv):
     loaded, model, unfreezing = built.loaded, built.model, built.unfreezing
     cache = experiment.data_cache(cfg, labelled, loaded, run.path(workdir.DATA_CACHE))
 
-    def pipelines(passes=None):  # `data`, `source`: the raw data, or cached features (step 6)
+    def pipelines(passes=None, validation=True):  # `data`, `source`: the raw data, or cached features (step 6)
         plan = cache if data is labelled else experiment.FEATURES_IN_MEMORY
-        return experiment.pipelines(cfg, data, source, heads, global_batch, run.replicas, passes, plan)
+        return experiment.pipelines(cfg, data, source, heads, global_batch, run.replicas, passes, plan,
+                                    validation)
 
     data, source = labelled, loaded
     val_ds = pipelines()[1]
@@ -69,7 +70,7 @@ def main(argv):
     result = run.fit(trained, None, val_ds, steps,
                      experiment.train_callbacks(cfg, unfreezing, val_ds is not None, val_ds, heads),
                      monitor=experiment.monitor(cfg, val_ds is not None),
-                     train_stream=lambda first, end: pipelines((first, end))[0],
+                     train_stream=lambda first, end: pipelines((first, end), validation=False)[0],
                      batches_per_pass=experiment.steps_per_epoch(
                          cfg, labelled.train.num_examples, global_batch, run.replicas, one_pass=True))
 

@@ -223,10 +223,11 @@ def _pipelines(cfg, run, labelled, train_split, loaded, heads, distiller, global
     plan = experiment.data_cache(cfg, data, loaded, run.path(workdir.DATA_CACHE))
     if dcfg.cache == "none":
         # The teacher runs on every (possibly augmented) training batch.
-        def make():
-            return experiment.pipelines(cfg, data, loaded, heads, global_batch, run.replicas, cache=plan)
+        def make(validation):
+            return experiment.pipelines(cfg, data, loaded, heads, global_batch, run.replicas, cache=plan,
+                                        validation=validation)
 
-        return lambda: make()[0], make()[1], cache_info
+        return lambda: make(False)[0], make(True)[1], cache_info
     raw = config_lib.to_dict(cfg)
     key = cache_lib.fingerprint(
         dcfg.teacher, data=raw["data"], transfer=dcfg.transfer_path, backbone=raw["backbone"],
