@@ -208,3 +208,18 @@ def test_decide_names_the_reason():
     for bad in (True, 0, "yes"):
         with pytest.raises(UserError, match="cache_features must be one of auto, false"):
             decide(bad, **ok)
+
+
+def test_features_are_evaluated_in_large_batches_and_raw_inputs_in_the_datas_own():
+    # A linear head over in-memory feature rows: the fixed cost of each
+    # evaluation batch dominated a cached epoch with the data's own batch.
+    from tftransfer import config as config_lib
+    from tftransfer import experiment
+    from tftransfer.feature_cache import EVAL_BATCH, FEATURES
+
+    cfg = config_lib.load_config(text=FROZEN)
+    raw = experiment.eval_batch_size(cfg, 1, 900, "image")
+    assert raw == max(4 * cfg.data.batch_size, 64)
+    assert experiment.eval_batch_size(cfg, 1, 900, FEATURES) == EVAL_BATCH >= 900  # one batch
+    # Replicas: every replica still gets rows in the final batch.
+    assert experiment.eval_batch_size(cfg, 2, 9, FEATURES) == 2 * EVAL_BATCH

@@ -44,6 +44,26 @@ def test_classification_metrics_match_hand_computed_values():
     assert m["loss"] == pytest.approx(expected_loss)
 
 
+def test_summary_numbers_equal_scikit_learns_on_unbalanced_and_missing_classes():
+    # F1 averages and accuracy come from one per-class pass (see metrics.py);
+    # they must stay exactly scikit-learn's, also with a class absent from the
+    # labels or never predicted and with unequal support.
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(0)
+    for num_classes in (2, 3, 7):
+        for n in (1, 5, 40):
+            probs = rng.random((n, num_classes)) ** 3
+            probs /= probs.sum(-1, keepdims=True)
+            labels = rng.integers(0, num_classes - 1, n)  # the last class never occurs
+            m = metrics.classification_metrics(labels, probs)
+            predicted, ids = probs.argmax(-1), list(range(num_classes))
+            for average in ("macro", "weighted"):
+                expected = skm.f1_score(labels, predicted, labels=ids, average=average, zero_division=0)
+                assert m[f"{average}_f1"] == pytest.approx(expected, abs=1e-12)
+            assert m["accuracy"] == pytest.approx(skm.accuracy_score(labels, predicted), abs=1e-12)
+
+
 def test_top_k_is_capped_below_the_number_of_classes():
     m = metrics.classification_metrics(LABELS, PROBS, top_k=5)
     assert m["top_k"] == 2  # top-3 of 3 classes would always be 1.0

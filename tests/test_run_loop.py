@@ -108,3 +108,44 @@ def test_step_backup_leaves_an_epochs_last_step_to_the_epoch_end(tmp_path):
               callbacks=[StepBackup(str(tmp_path), str(tmp_path), steps_per_epoch=4, every_steps=2), Spy()])
     assert saved == [("batch", 0), ("batch", 2), ("batch", 2), ("batch", 2), ("epoch", 4),
                      ("batch", 4), ("batch", 6), ("batch", 6), ("batch", 6), ("epoch", 8)]
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])  # loss falls: "min" improves every epoch, "max" only at epoch 1
+def test_epoch_end_backup_links_the_best_weights_written_that_epoch_and_holds_the_epochs_weights(tmp_path, mode):
+    """When the record has just written the epoch's weights as the best, the
+    backup is a hard link to that file (one write per epoch, not two); when
+    it has not, the backup is its own write. Either way the backup holds the
+    weights and optimizer state of the epoch it is named for."""
+    import keras
+    import numpy as np
+
+    from tftransfer.epoch_selection import EpochRecord
+    from tftransfer.run_loop import STATE, StepBackup
+
+    backup_dir, best = tmp_path / "backup", tmp_path / "best.weights.h5"
+    record = EpochRecord(str(tmp_path / "history.json"), str(best), monitor="loss", mode=mode)
+    backup = StepBackup(str(backup_dir), str(backup_dir), steps_per_epoch=4, record=record)
+    seen = []
+
+    def build():
+        m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        m.compile(keras.optimizers.Adam(0.1), "mse")
+        return m
+
+    class Spy(keras.callbacks.Callback):  # after the backup
+        def on_epoch_end(self, epoch, logs=None):
+            path = backup_dir / json.load(open(backup_dir / STATE))["weights"]
+            linked = os.path.samefile(path, best)
+            probe = build()
+            probe.optimizer.build(probe.trainable_variables)
+            probe.load_weights(str(path))
+            for a, b in zip(probe.weights + probe.optimizer.variables,
+                            self.model.weights + self.model.optimizer.variables):
+                np.testing.assert_array_equal(a.numpy(), b.numpy())
+            seen.append(linked)
+
+    model = build()
+    x = np.random.default_rng(0).normal(size=(8, 2)).astype("float32")
+    model.fit(x, x.sum(-1, keepdims=True), batch_size=2, epochs=3, verbose=0, shuffle=False,
+              callbacks=[record, backup, Spy()])
+    assert seen == ([True, True, True] if mode == "min" else [True, False, False])

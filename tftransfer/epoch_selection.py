@@ -71,6 +71,7 @@ class EpochRecord(keras.callbacks.Callback):
         self.best_weights_path = best_weights_path
         self.monitor = monitor
         self.mode = monitor_mode(monitor) if mode == "auto" else mode
+        self._saved = None  # (epoch, path) of this process's last best-weights write
 
     def on_train_begin(self, logs=None):
         self.record = read_record(self.record_path)
@@ -93,7 +94,14 @@ class EpochRecord(keras.callbacks.Callback):
             self.model.save_weights(tmp, overwrite=True)
             os.replace(tmp, self.best_weights_path)
             self.record.update(best_epoch=epoch, best_value=value)
+            self._saved = (epoch, self.best_weights_path)
         _atomic_write_json(self.record_path, self.record)
+
+    def saved_at(self, epoch):
+        """The best-weights file if it was written at the end of (1-based) `epoch`
+        and the weights have not changed since (the same epoch end), else None."""
+        saved = self._saved
+        return saved[1] if saved and saved[0] == epoch and os.path.isfile(saved[1]) else None
 
     def _better(self, value):
         best = self.record.get("best_value")

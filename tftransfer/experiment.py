@@ -213,11 +213,22 @@ def optimizer(cfg, total_steps):
     return keras.optimizers.SGD(lr, momentum=0.9, weight_decay=t.weight_decay or None)
 
 
-def eval_batch_size(cfg, replicas, num_examples=None):
+def eval_batch_size(cfg, replicas, num_examples=None, modality=None):
     """Global evaluation batch: data.eval_batch_size, else max(4 x batch, 64), x replicas;
-    with `num_examples`, lowered so no replica gets an empty final batch."""
+    with `num_examples`, lowered so no replica gets an empty final batch.
+
+    Cached features (`modality` `feature_cache.FEATURES`) are evaluated in
+    batches of `feature_cache.EVAL_BATCH` rows per replica: a linear head over
+    in-memory feature rows costs next to nothing per row, so the per-batch
+    overhead of Keras' `evaluate` and of the validation report would dominate
+    an epoch (see `feature_cache.EVAL_BATCH`)."""
+    from tftransfer import feature_cache
+
     d = cfg.data
-    batch = (d.eval_batch_size or max(4 * d.batch_size, 64)) * replicas
+    per_replica = d.eval_batch_size or max(4 * d.batch_size, 64)
+    if modality == feature_cache.FEATURES:
+        per_replica = max(per_replica, feature_cache.EVAL_BATCH)
+    batch = per_replica * replicas
     if num_examples is None:
         return batch
     try:
@@ -287,7 +298,8 @@ def pipelines(cfg, labelled, loaded, heads, global_batch, replicas=1, passes=Non
         n = labelled.validation.num_examples
         val = data_lib.make_pipeline(
             labelled.validation, loaded.preprocessor, loaded.modality, heads,
-            eval_batch_size(cfg, replicas, n), training=False, cache=cache.mode, drop_remainder=tpu,
+            eval_batch_size(cfg, replicas, n, loaded.modality), training=False, cache=cache.mode,
+            drop_remainder=tpu,
             cache_dir=cache.directory, cache_role="validation",
         )
     return train, val

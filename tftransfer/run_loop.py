@@ -177,11 +177,11 @@ class Run:
         from tftransfer.callbacks import StopOnDivergence
         from tftransfer.epoch_selection import EpochRecord
 
+        record = EpochRecord(self.path(workdir.HISTORY), self.path(workdir.BEST_WEIGHTS), monitor) \
+            if checkpoint else None
         backup = StepBackup(os.path.join(self.workdir, workdir.BACKUP), self.path(workdir.BACKUP),
-                            steps_per_epoch, self.backup_every_steps)
-        own = [StopOnDivergence()] + list(callbacks)
-        if checkpoint:
-            own.append(EpochRecord(self.path(workdir.HISTORY), self.path(workdir.BEST_WEIGHTS), monitor))
+                            steps_per_epoch, self.backup_every_steps, record=record)
+        own = [StopOnDivergence()] + list(callbacks) + ([record] if record else [])
         return own + [backup, keras.callbacks.TensorBoard(self.path(workdir.LOGS))], backup
 
     def save_model(self, model):
@@ -305,13 +305,21 @@ class StepBackup(keras.callbacks.Callback):
         write_dir: str. Backup directory to write to.
         steps_per_epoch: int.
         every_steps: int. Steps between backups; 0: epoch ends only.
+        record: the run's `EpochRecord`, which runs just before this
+            callback, or None. When it has just saved this epoch's weights
+            as the best epoch's, the epoch-end backup is a hard link to that
+            file instead of a second write of the same weights and optimizer
+            state (Keras' `save_weights` costs ~25 ms even for a linear
+            head, most of an epoch on cached features). Replacing the best
+            file later leaves the linked backup's contents untouched.
     """
 
-    def __init__(self, read_dir, write_dir, steps_per_epoch, every_steps=0):
+    def __init__(self, read_dir, write_dir, steps_per_epoch, every_steps=0, record=None):
         super().__init__()
         self.read_dir, self.write_dir = read_dir, write_dir
         self.steps_per_epoch = steps_per_epoch
         self.every_steps = every_steps
+        self.record = record
         self._state = self._read_state()
         self._restored = False
         self._step = self.restore_point()
@@ -352,13 +360,16 @@ class StepBackup(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._step = (epoch + 1) * self.steps_per_epoch
-        self._save()
+        best = self.record.saved_at(epoch + 1) if self.record is not None else None
+        self._save(link_to=best)
 
-    def _save(self):
+    def _save(self, link_to=None):
         self._since = 0
         os.makedirs(self.write_dir, exist_ok=True)
         name = f"step-{self._step}.weights.h5"
-        self.model.save_weights(os.path.join(self.write_dir, name), overwrite=True)
+        path = os.path.join(self.write_dir, name)
+        if not (link_to and _linked(link_to, path)):
+            self.model.save_weights(path, overwrite=True)
         previous = self._read_own()
         workdir.write_json(os.path.join(self.write_dir, STATE), {"step": self._step, "weights": name})
         if previous and previous != name and os.path.exists(os.path.join(self.write_dir, previous)):
@@ -370,6 +381,19 @@ class StepBackup(keras.callbacks.Callback):
             return None
         with open(path) as f:
             return json.load(f)["weights"]
+
+
+def _linked(source, path):
+    """Hard-link `source` as `path` (replacing it); False where links are not possible."""
+    tmp = path + ".link-tmp"
+    try:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        os.link(source, tmp)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        return False
 
 
 class _Shifted(keras.callbacks.Callback):
