@@ -1,4 +1,5 @@
-"""train.recipe contrastive (SetFit): pair sampler counts, the loss goes down, a CLI run, bad combinations."""
+"""train.recipe contrastive (SetFit): pair sampler counts, the loss goes down, SetFit's head
+(normalised embeddings, LogisticRegression's L2 penalty), a CLI run, bad combinations."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import tensorflow as tf
 from tftransfer import backbones, builders, config, contrastive
 from tftransfer.data import Split
 from tftransfer.errors import UserError
-from tftransfer.heads import HeadSpec
+from tftransfer.heads import HeadSpec, build_head, l2_from_c
 
 from conftest import run_cli, tiny_bert_spec
 
@@ -86,6 +87,87 @@ def test_contrastive_margin_loss_values():
                                [0.5, 0.125, 0.0], atol=1e-6)
 
 
+# --- the head: SetFit's LogisticRegression on normalised embeddings ------------------------
+
+
+def _features(n=24, dim=64, classes=3, seed=0):
+    """Unit-length features of `classes` noisy clusters (as sentence embeddings), and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), n // classes)
+    x = 0.3 * rng.normal(size=(classes, dim))[labels] + rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype("float32"), labels
+
+
+def _fit_head(x, labels, spec, epochs=100):
+    """The head alone, trained as phase 2 trains it on cached features: Adam 1e-2, full batch."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((x.shape[1],))
+    model = keras.Model(inputs, build_head(inputs, spec))
+    model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, labels, batch_size=len(x), epochs=epochs, verbose=0)
+    return model
+
+
+def test_l2_from_c_is_logistic_regressions_penalty_on_the_mean_loss():
+    assert l2_from_c(1.0, 24) == pytest.approx(1 / 48)
+    assert l2_from_c(0.5, 10) == pytest.approx(1 / 10)
+    assert l2_from_c(None, 24) == 0.0
+    with pytest.raises(UserError, match="C must be > 0"):
+        l2_from_c(0.0, 24)
+
+
+def test_penalised_head_matches_sklearn_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    x, labels = _features()
+    reference = LogisticRegression(C=1.0).fit(x, labels)  # SetFit's default head
+    expected = reference.predict_proba(x)
+    spec = HeadSpec(num_classes=3, l2=l2_from_c(1.0, len(x)))
+    model = _fit_head(x, labels, spec)
+    probs = keras.ops.convert_to_numpy(keras.ops.softmax(model(x)))
+    np.testing.assert_allclose(probs, expected, atol=0.01)
+    kernel = model.get_layer("label").kernel.numpy()
+    assert np.linalg.norm(kernel) == pytest.approx(np.linalg.norm(reference.coef_), rel=0.02)
+    # Without the penalty the same training goes far past that optimum (separable data).
+    plain = _fit_head(x, labels, HeadSpec(num_classes=3))
+    assert np.linalg.norm(plain.get_layer("label").kernel.numpy()) > 2 * np.linalg.norm(kernel)
+    assert np.abs(keras.ops.convert_to_numpy(keras.ops.softmax(plain(x))) - expected).max() > 0.1
+
+
+def test_normalize_makes_the_head_read_directions_only():
+    x, _ = _features()
+    inputs = keras.Input((x.shape[1],))
+    model = keras.Model(inputs, build_head(inputs, HeadSpec(num_classes=3, normalize=True)))
+    assert [layer.name for layer in model.layers[1:]] == ["label_normalize", "label"]
+    np.testing.assert_allclose(model(3.0 * x), model(x), atol=1e-5)
+    unnormalised = keras.Model(inputs, build_head(inputs, HeadSpec(num_classes=3, name="other")))
+    assert not np.allclose(unnormalised(3.0 * x), unnormalised(x), atol=1e-3)
+
+
+def test_head_defaults_are_setfits_under_the_contrastive_recipe_only(tmp_path):
+    cfg = config.load_config(_config(tmp_path))
+    assert cfg.heads[0].normalize is True and cfg.heads[0].l2_c == 1.0
+    plain = config.load_config(_config(tmp_path), overrides=["train.recipe=finetune", "train.contrastive=null"])
+    assert plain.heads[0].normalize is False and plain.heads[0].l2_c is None  # other recipes: unchanged
+    explicit = config.load_config(_config(tmp_path, extra_heads="pooling: mean, normalize: false, l2_c: null"))
+    assert explicit.heads[0].normalize is False and explicit.heads[0].l2_c is None
+    chosen = config.load_config(_config(tmp_path), overrides=["train.recipe=finetune", "train.contrastive=null",
+                                                              "heads.0.normalize=true", "heads.0.l2_c=4"])
+    assert chosen.heads[0].normalize is True and chosen.heads[0].l2_c == 4.0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("heads.0.l2_c=0", "l2_c must be a finite number > 0"),
+    ("heads.0.l2_c=-1", "l2_c must be a finite number > 0"),
+    ("heads.0.l2_c=strong", "l2_c must be a finite number > 0"),
+    ("heads.0.l2_c=.inf", "l2_c must be a finite number > 0"),
+    ("heads.0.normalize=yes please", "normalize must be true, false or auto"),
+])
+def test_bad_head_options_are_refused(tmp_path, override, message):
+    with pytest.raises(UserError, match=message):
+        config.load_config(_config(tmp_path), overrides=[override])
+
+
 # --- the CLI -----------------------------------------------------------------------------
 
 
@@ -118,6 +200,14 @@ def test_cli_contrastive_run_writes_metrics_and_export(tmp_path):
     assert os.path.isfile(os.path.join(W, "contrastive", contrastive.ENCODER_WEIGHTS))
     assert os.listdir(os.path.join(W, "export")) == ["1"]
     assert os.path.isfile(os.path.join(W, "export", "1", "saved_model.pb"))
+    # SetFit's head: the resolved config records it; the model normalises and penalises (k=4, 2 classes).
+    import yaml
+
+    resolved = yaml.safe_load(open(os.path.join(W, "config.yaml")))["heads"][0]
+    assert resolved["normalize"] is True and resolved["l2_c"] == 1.0
+    model = keras.saving.load_model(os.path.join(W, "model.keras"), compile=False)
+    model.get_layer("label_normalize")
+    assert model.get_layer("label").kernel_regularizer.l2 == pytest.approx(1 / (2 * 1.0 * 8))
 
 
 def test_bad_combination_is_exit_2_with_one_line(tmp_path):

@@ -108,9 +108,32 @@ class HeadConfig:
     # CSV/JSONL column or TFDS feature of this head's label. Null: data.label_key
     # with one head, the head's name with several (multi-task).
     label_key: Optional[str] = None
+    # L2-normalise the pooled features before the head's layers (sentence-transformers'
+    # Normalize module). auto: true under train.recipe contrastive (SetFit's head reads
+    # unit-length embeddings, the directions its cosine loss trains), false otherwise.
+    normalize: Union[bool, str] = "auto"
+    # L2 penalty on the head's weights, as scikit-learn LogisticRegression's C: summed
+    # per-example loss + ||W||^2 / (2 C), i.e. ||W||^2 / (2 C n) on the mean loss over n
+    # training examples; smaller C: stronger. null: none. auto: 1.0 (LogisticRegression's
+    # default, SetFit's head) under train.recipe contrastive, null otherwise.
+    l2_c: Optional[Union[float, str]] = "auto"
+
+    def resolve(self, recipe):
+        """`auto` of normalize / l2_c -> the value for `recipe` (the resolved config records it)."""
+        contrastive = recipe == "contrastive"
+        if self.normalize == "auto":
+            self.normalize = contrastive
+        if self.l2_c == "auto":
+            self.l2_c = 1.0 if contrastive else None
 
     def validate(self, path):
         _one_of(f"{path}.type", self.type, HEAD_TYPES)
+        if self.normalize not in (True, False, "auto"):
+            raise UserError(f"{path}.normalize must be true, false or auto. Received: {self.normalize!r}.")
+        if self.l2_c != "auto" and self.l2_c is not None and (
+                isinstance(self.l2_c, str) or not (math.isfinite(self.l2_c) and self.l2_c > 0)):
+            raise UserError(f"{path}.l2_c must be a finite number > 0 (scikit-learn's C), null (no penalty) "
+                            f"or auto. Received: {self.l2_c!r}.")
         if self.pooling is not None:
             _one_of(f"{path}.pooling", self.pooling, POOLINGS)
         if self.num_classes is not None and self.num_classes < 1:
@@ -640,6 +663,8 @@ class ExperimentConfig:
         names = [h.name for h in self.heads]
         if len(set(names)) != len(names):
             raise UserError(f"heads: head names must be unique. Received: {names}.")
+        for h in self.heads:
+            h.resolve(self.train.recipe)
         if self.train.recipe == "contrastive":
             _check_contrastive(self)
 

@@ -94,6 +94,15 @@ def _load_multitask(cfg):
     return loaded
 
 
+def _head_l2(h, labelled):
+    """heads[].l2_c (scikit-learn's C) -> the penalty on the mean loss over the training examples."""
+    from tftransfer.heads import l2_from_c
+
+    if h.l2_c in (None, "auto"):  # auto: config validation resolves it; a config built by hand may not have
+        return 0.0
+    return l2_from_c(h.l2_c, labelled.train.num_examples)
+
+
 def resolve_heads(cfg, labelled, class_weights=True):
     """HeadSpecs with `num_classes` and class names checked against the data
     (multi-task: each head against its own labels), and, with `class_weights`,
@@ -134,6 +143,7 @@ def resolve_heads(cfg, labelled, class_weights=True):
             hidden_units=h.hidden_units, label_smoothing=h.label_smoothing,
             loss_weight=h.loss_weight,
             class_names=tuple(labels.class_names) if labels.class_names else None,
+            normalize=h.normalize is True, l2=_head_l2(h, labelled),
         ))
     return _with_class_weights(cfg, labelled, specs) if class_weights else specs
 

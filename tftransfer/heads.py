@@ -42,6 +42,13 @@ class HeadSpec:
     loss_weight: float. Weight of this head's loss in a multi-task sum.
         Defaults to 1.
     class_names: tuple of str. Label names for reports and serving.
+    normalize: bool. L2-normalise the pooled features (unit length, as
+        sentence-transformers' `Normalize` module) before the head's layers.
+        Defaults to False.
+    l2: float. L2 penalty `l2 * sum(W^2)` on the head's Dense kernels (not
+        the biases), added to the mean loss of every batch (Keras'
+        `kernel_regularizer=L2(l2)`). scikit-learn's `LogisticRegression(C)`
+        on n examples is `l2 = 1 / (2 C n)` (`l2_from_c`). Defaults to 0.
     class_weight: tuple of float, one per class id, or None. Classification
         only: each example's loss is multiplied by its true class's weight
         (`train.class_weight`, see `tftransfer.class_weights`).
@@ -58,6 +65,8 @@ class HeadSpec:
     loss_weight: float = 1.0
     class_names: tuple = None
     class_weight: tuple = None
+    normalize: bool = False
+    l2: float = 0.0
 
     def __post_init__(self):
         if self.type not in HEAD_TYPES:
@@ -219,11 +228,35 @@ def build_head(pooled, spec):
     The layers are named as `head_layer_names(spec)` lists them, in order.
     """
     x = pooled
+    penalty = keras.regularizers.L2(spec.l2) if spec.l2 else None
+    if spec.normalize:
+        x = keras.layers.UnitNormalization(axis=-1, name=f"{spec.name}_normalize")(x)
     if spec.hidden_units:
-        x = keras.layers.Dense(spec.hidden_units, activation="relu", name=f"{spec.name}_hidden")(x)
+        x = keras.layers.Dense(spec.hidden_units, activation="relu", kernel_regularizer=penalty,
+                               name=f"{spec.name}_hidden")(x)
     if spec.dropout:
         x = keras.layers.Dropout(spec.dropout, name=f"{spec.name}_dropout")(x)
-    return keras.layers.Dense(spec.num_classes, dtype="float32", name=spec.name)(x)
+    return keras.layers.Dense(spec.num_classes, dtype="float32", kernel_regularizer=penalty, name=spec.name)(x)
+
+
+def l2_from_c(c, num_examples):
+    """`HeadSpec.l2` equal to scikit-learn `LogisticRegression(C=c)`'s penalty on `num_examples` examples.
+
+    LogisticRegression minimises `sum_i loss_i + ||W||^2 / (2 C)`; divided
+    by n, that is the mean loss (what Keras minimises) + `||W||^2 / (2 C n)`.
+    `c` None: no penalty (0.0).
+
+    Example:
+    ```python
+    l2_from_c(1.0, 24)   # 1 / 48
+    ```
+    """
+    if c is None:
+        return 0.0
+    if not c > 0 or num_examples < 1:
+        raise UserError(f"l2_from_c: C must be > 0 and num_examples >= 1. Received: c={c}, "
+                        f"num_examples={num_examples}.")
+    return 1.0 / (2.0 * c * num_examples)
 
 
 def pool_layer_name(spec):
@@ -233,7 +266,8 @@ def pool_layer_name(spec):
 
 def head_layer_names(spec):
     """The layers `build_head` makes for `spec`, from the pooled features to the output."""
-    names = [f"{spec.name}_hidden"] if spec.hidden_units else []
+    names = [f"{spec.name}_normalize"] if spec.normalize else []
+    names += [f"{spec.name}_hidden"] if spec.hidden_units else []
     names += [f"{spec.name}_dropout"] if spec.dropout else []
     return names + [spec.name]
 

@@ -193,6 +193,7 @@ def float_scopes(model, heads):
 
     names = {l.name for l in sublayers(model) if isinstance(l, keras.layers.LayerNormalization)}
     names |= {pool_layer_name(h) for h in heads}
+    names |= {f"{h.name}_normalize" for h in heads if getattr(h, "normalize", False)}  # heads.py build_head
     return re.compile("/(" + "|".join(re.escape(n) for n in sorted(names)) + r")(_\d+)?/")
 
 
