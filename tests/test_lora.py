@@ -145,6 +145,46 @@ FRESH = textwrap.dedent("""
 """)
 
 
+def test_best_epoch_restored_after_fit_keeps_its_adapters(bert_preset, tmp_path):
+    """`train.keep: best` loads the best epoch's weights after `fit`; they were
+    written raw (base, bias, A, B). Read back Keras' merged way instead, the
+    adapters were zeroed and the run shipped the frozen base + head."""
+    from tftransfer import epoch_selection
+
+    keras.utils.set_random_seed(4)
+    cfg = config_lib.load_config(
+        text=f"backbone: {{preset: {bert_preset}, sequence_length: 16}}\ntrain: {{lora: {{rank: 4, alpha: 8}}}}")
+    loaded = tftransfer.load_backbone(preset=bert_preset, sequence_length=16)
+    model = tftransfer.build_model(loaded, [HeadSpec(num_classes=2)])
+    adapters = lora.apply_from_config(cfg, loaded, model)
+    x = ids_of(loaded, [t for t, _ in TRAIN])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss={"label": "sparse_categorical_crossentropy"})
+    record, best = str(tmp_path / "history.json"), str(tmp_path / "best.weights.h5")
+    snapshots = []
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            snapshots.append([v.numpy().copy() for v in self.model.weights])
+
+    # mode "max" on a falling loss: epoch 1 is the best, epochs 2-3 are not.
+    model.fit(x, {"label": np.array([l for _, l in TRAIN])}, epochs=3, batch_size=8, verbose=0,
+              callbacks=[adapters, epoch_selection.EpochRecord(record, best, monitor="loss", mode="max"),
+                         Snapshot()])
+    selected, _ = epoch_selection.select(model, "best", record, best)
+    assert selected == 1
+    trained_b = [v for v in model.weights if "lora_kernel_b" in v.path]
+    assert trained_b and all(np.abs(v.numpy()).max() > 0 for v in trained_b)  # adapters not zeroed
+    for v, expected in zip(model.weights, snapshots[0]):
+        np.testing.assert_array_equal(v.numpy(), expected, err_msg=v.path)
+    # Then the model saves Keras' way: merged kernels, no LoRA variables in model.keras.
+    adapters.merged_checkpoints()
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    assert not [v.path for v in reloaded.weights if lora.is_lora_weight(v)]
+    np.testing.assert_allclose(reloaded(x)["label"].numpy(), model(x)["label"].numpy(), atol=1e-5)
+
+
 def test_text_artefact_reloads_onto_a_fresh_base_and_merges(bert_preset, tmp_path):
     keras.utils.set_random_seed(3)
     cfg = config_lib.load_config(

@@ -322,8 +322,16 @@ class LoRATraining(keras.callbacks.Callback):
         self.base, self.base_sha256 = base, base_sha256
         raw_checkpoints(layers, True)
 
-    def on_train_end(self, logs=None):
-        raw_checkpoints(self.layers, False)  # model.save after fit: merged kernels again
+    def merged_checkpoints(self):
+        """Checkpoint the adapted layers Keras' way again (merged kernels), for `model.save`.
+
+        Not at `on_train_end`: after `fit` the run still loads the best
+        epoch's weights (`train.keep: best`), written raw during training,
+        and a resumed run calls `fit` twice (the interrupted epoch, then the
+        rest), whose backups must all be raw. Call it once the shipped
+        weights are in place, before saving the model.
+        """
+        raw_checkpoints(self.layers, False)
 
     def counts(self):
         model, backbone = self.lora_model, self.backbone
@@ -336,6 +344,7 @@ class LoRATraining(keras.callbacks.Callback):
                 "adapter_fraction_of_backbone": adapters / max(base, 1)}
 
     def on_train_begin(self, logs=None):
+        raw_checkpoints(self.layers, True)  # backups and best weights: every weight as it is
         backbone_trainable = [v for v in self.backbone.trainable_weights if not is_lora_weight(v)]
         if backbone_trainable:  # something unfroze the base after enable_lora
             raise UserError(f"train.lora: base weight {backbone_trainable[0].path} is trainable; "

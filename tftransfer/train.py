@@ -89,8 +89,10 @@ def main(argv):
     metrics["heads"] = experiment.per_head(metrics, heads)
     if contrastive is not None:
         metrics["contrastive"] = contrastive
-    run.save_model(model)
     adapters = unfreezing if cfg.train.lora is not None else None  # LoRA: its callback holds the adapters
+    if adapters is not None:
+        adapters.merged_checkpoints()  # model.keras holds merged kernels; backups and best weights were raw
+    run.save_model(model)
     export = experiment.export(cfg, run, model, loaded, heads, adapters=adapters)
     if export is not None:
         metrics["export"] = export
