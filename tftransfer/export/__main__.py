@@ -94,6 +94,10 @@ def main(argv):
         if result.get("float_ops"):
             print(f"not full-integer: {', '.join(result['float_ops'])} compute in float32 (tftransfer.json: "
                   f"tflite.float_ops)")
+        if result.get("dynamic_int8_ops"):
+            ops = ", ".join(f"{n} x{k}" for n, k in sorted(result["dynamic_int8_ops"].items()))
+            print(f"dynamic int8: {ops} with int8 weights quantise their float input per example at run time "
+                  f"(tftransfer.json: tflite.dynamic_int8_ops)")
     else:
         print(f"exported {result['path']}")
 
