@@ -119,22 +119,32 @@ def holdout_split(out):
     return len(fit), len(held)
 
 
-def holdout_step(out, seeds, results):
-    """Full fine-tuning on drug_fit.csv, validated on drug_heldout.csv (the int8 choices are made on it)."""
+def holdout_step(out, seeds, results, epochs=3, modes=("full",)):
+    """Fine-tuning on drug_fit.csv, validated on drug_heldout.csv (the int8 choices are made on it).
+
+    `modes`: `full` (the lora step's full fine-tuning) and / or `lora` (its LoRA), both `epochs`.
+    """
     print("fit / held out:", holdout_split(out), flush=True)
     backbone = f"{{preset: {minilm()}, sequence_length: {SEQ}}}"
     for seed in seeds:
-        key = f"full_heldout_s{seed}"
-        W = os.path.join(out, key)
-        if not trained(W):
-            train = (f"{{epochs: 3, optimizer: adamw, learning_rate: 0.0001, weight_decay: 0.01, "
-                     f"lr_schedule: cosine, seed: {seed}, verbose: 0}}")
-            config = text_config(out, key, backbone, train, train_csv="drug_fit.csv", validation_csv="drug_heldout.csv")
-            run_measured("tftransfer.train", f"--config={config}", f"--workdir={W}")
-        metrics = json.load(open(os.path.join(W, "metrics.json")))
-        results.setdefault("holdout", {})[key] = {"accuracy": metrics["validation"]["accuracy"]}
-        save(out, results)
-        print(key, results["holdout"][key], flush=True)
+        for mode in modes:
+            key = f"{mode}_heldout_s{seed}" if epochs == 3 else f"{mode}_heldout_e{epochs}_s{seed}"
+            W = os.path.join(out, key)
+            if not trained(W):
+                if mode == "full":
+                    train = (f"{{epochs: {epochs}, optimizer: adamw, learning_rate: 0.0001, weight_decay: 0.01, "
+                             f"lr_schedule: cosine, seed: {seed}, verbose: 0}}")
+                else:
+                    train = (f"{{epochs: {epochs}, optimizer: adamw, learning_rate: 0.002, lr_schedule: cosine, "
+                             f"seed: {seed}, verbose: 0, lora: {{rank: 8, alpha: 16}}}}")
+                config = text_config(out, key, backbone, train, train_csv="drug_fit.csv",
+                                     validation_csv="drug_heldout.csv")
+                run_measured("tftransfer.train", f"--config={config}", f"--workdir={W}")
+            metrics = json.load(open(os.path.join(W, "metrics.json")))
+            results.setdefault("holdout", {})[key] = {"accuracy": metrics["validation"]["accuracy"],
+                                                      "loss": metrics["validation"].get("loss")}
+            save(out, results)
+            print(key, results["holdout"][key], flush=True)
 
 
 def text_config(out, name, backbone, train, extra="", train_csv="drug_train.csv", validation_csv="drug_test.csv"):
@@ -285,6 +295,8 @@ def main():
     p.add_argument("--out", default="runs/bench_peft")
     p.add_argument("--steps", default="data,lora,int8,distill")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--holdout_epochs", type=int, default=3, help="holdout step: epochs")
+    p.add_argument("--holdout_modes", default="full", help="holdout step: full and / or lora")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     out = os.path.abspath(args.out)
@@ -295,7 +307,7 @@ def main():
     if "data" in steps:
         print(data(out))
     if "holdout" in steps:
-        holdout_step(out, seeds, results)
+        holdout_step(out, seeds, results, args.holdout_epochs, args.holdout_modes.split(","))
     if "lora" in steps:
         lora_step(out, seeds, results)
     if "int8" in steps:

@@ -46,9 +46,10 @@ flags.DEFINE_enum("format", "saved_model", ["saved_model", "tflite"], "What to w
 flags.DEFINE_enum(
     "quantize", "none", ["none", "float16", "dynamic_range", "int8"],
     "TFLite: none (float32), float16 (~1/2 size), dynamic_range (int8 weights, ~1/4 size) or int8 "
-    "(int8 weights and activations, calibrated on training examples; full integer for images, text keeps "
-    "layer norms, residual adds, attention softmax / matmuls and pooling in float). SavedModel: none or "
-    "int8 (Keras model.quantize, text models).",
+    "(int8 weights and activations, calibrated on training examples; full integer for images; text: all "
+    "weights int8, feed-forward / value / attention-output projections quantise their input per example, "
+    "layer norms, residual adds, GELU, attention softmax / matmuls / transposes and pooling in float). "
+    "SavedModel: none or int8 (Keras model.quantize, text models).",
 )
 flags.DEFINE_float(
     "max_accuracy_drop", 0.01,

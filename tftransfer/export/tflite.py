@@ -26,13 +26,16 @@ Quantisation (`quantize`):
   data). Input and output stay float32 / int32 (the interpreter quantises
   the input and dequantises the outputs), so clients call it exactly like
   the float model. Image models (ResNet): full-integer, what an int8-only
-  accelerator needs. Text (BERT family): every weight projection
-  (`FULLY_CONNECTED`), the feed-forward network and the embedding
-  lookups are int8, but the layer normalisations, the residual additions, the
-  attention-mask select, softmax and attention matrix products, and the
-  heads' mean pooling run in float32 between a dequantise and a quantise (see `FLOAT_OPS_TEXT_INT8`):
-  mixed int8 / float, not full-integer. `tftransfer.json` names them (`tflite.float_ops`,
-  `tflite.integer_only`).
+  accelerator needs. Text (BERT family): every weight is int8; the
+  embedding lookups and the query / key projections have static int8
+  activations; the feed-forward, value and attention-output projections
+  quantise their float input per example at run time
+  (`DYNAMIC_INT8_LAYERS_TEXT`); the layer normalisations, residual
+  additions, GELU, the attention-mask select, softmax, attention matrix
+  products and transposes, and the heads' mean pooling run in float32
+  between a dequantise and a quantise (`FLOAT_OPS_TEXT_INT8`): mixed, not
+  full-integer. `tftransfer.json` names them (`tflite.float_ops`,
+  `tflite.dynamic_int8_ops`, `tflite.integer_only`).
 The tolerances the tests hold are in `TOLERANCE`.
 
 Every quantised export measures what it costs in validation accuracy when
@@ -181,13 +184,18 @@ def interpreter_predict(flatbuffer):
 #   set a per-tensor int8 step too coarse for all the others.
 # - `GELU`: its output is the feed-forward output projection's input (below).
 FLOAT_OPS_TEXT_INT8 = ("SELECT_V2", "SOFTMAX", "BATCH_MATMUL", "ADD", "TRANSPOSE", "GELU")
-# The feed-forward output projection of every transformer block reads the
-# GELU activations, whose outlier channels (Bondarenko et al. 2021) no single
-# calibrated int8 range fits, and writes into the residual stream. It keeps
-# int8 weights (per output channel) but quantises its input per example at
-# run time (TFLite's hybrid kernel, `dynamic_int8_fully_connected`): on the
-# held-out data this took the mean |probability difference| to the float
-# model from 0.043 to 0.009 (BENCHMARKS.md).
+# Projections whose activations carry BERT's outlier channels (Bondarenko et
+# al. 2021), which no single calibrated int8 range fits: the feed-forward
+# intermediate (reads the attention layer norm, writes the pre-GELU
+# activations) and output (reads GELU, writes into the residual stream), the
+# value and the attention output (the value path into the residual stream).
+# They keep int8 weights (per output channel) but quantise their input per
+# example at run time (TFLite's hybrid kernel, `dynamic_int8_fully_connected`).
+# Chosen on a held-out part of MiniLM's training split with
+# `tools/int8_ablate.py` (mean |probability difference| to the float model:
+# 0.036 with every projection static, 0.009 feed-forward output dynamic,
+# 0.006 both feed-forward, 0.0049 these four, 0.0044 every projection
+# dynamic: query / key stay static at no measured cost). BENCHMARKS.md.
 DYNAMIC_INT8_LAYERS_TEXT = ("feedforward_intermediate_dense", "feedforward_output_dense", "value", "attention_output")
 
 
@@ -356,7 +364,9 @@ def export_tflite(model, preprocessor, modality, heads, export_base, version=Non
         `float32_weights_bytes` (4 bytes x parameters: what an unquantised
         model stores), `size_ratio` (size / float32 weights),
         `accuracy` (the record, or None when not measured) and, for int8,
-        `float_ops` (ops still computing in float32) and `integer_only`.
+        `float_ops` (ops still computing in float32), `dynamic_int8_ops`
+        (`{op: count}` with int8 weights and per-example int8 inputs) and
+        `integer_only`.
 
     Example:
     ```python
