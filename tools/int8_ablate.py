@@ -43,6 +43,23 @@ def main():
     p.add_argument("--base_ops", default="SELECT_V2,SOFTMAX,BATCH_MATMUL,ADD",
                    help="op types always kept float (the 2026-12-06 export's; the export now adds TRANSPOSE, GELU)")
     args = p.parse_args()
+    configs = []
+    for config in args.configs.split(";"):
+        parts = {}
+        for part in (x for x in config.split("&") if x):
+            key, sep, value = part.partition("=")
+            if not sep or key not in ("ops", "float", "dynamic"):
+                p.exit(2, f"int8_ablate.py: error: --configs part {part!r} is not ops=A,B / float=REGEX / "
+                          f"dynamic=REGEX\n")
+            if key != "ops":
+                try:
+                    re.compile(value)
+                except re.error as e:
+                    p.exit(2, f"int8_ablate.py: error: --configs {key}={value!r} is not a regex ({e})\n")
+            parts[key] = value
+        configs.append((config, parts))
+    if not os.path.isfile(os.path.join(args.workdir, "model.keras")):
+        p.exit(2, f"int8_ablate.py: error: --workdir {args.workdir!r} holds no model.keras; pass a trained work dir\n")
 
     import tensorflow as tf
     from tensorflow.lite.python import convert
@@ -91,8 +108,7 @@ def main():
         names = [d["name"] for d in tf.lite.Interpreter(model_content=calibrated).get_tensor_details()]
     scopes = tflite_lib.float_scopes(model, heads)
     base = [o for o in args.base_ops.split(",") if o]
-    for config in args.configs.split(";"):
-        parts = dict(part.split("=", 1) for part in config.split("&") if part)
+    for config, parts in configs:
         ops = base + [o for o in parts.get("ops", "").split(",") if o]
         keep, dynamic = parts.get("float"), parts.get("dynamic")
         nodes = [n for n in names if scopes.search(n) or any(r and re.search(r, n) for r in (keep, dynamic))]
