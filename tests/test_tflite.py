@@ -96,7 +96,14 @@ def test_int8_text_on_token_ids(tmp_path):
     ids = {k: np.asarray(v).astype("int32") for k, v in loaded.preprocessor(tf.constant(SENTENCES)).items()}
     assert (ids["padding_mask"] == 0).any()  # padding: the attention mask's -1e9 is in play
     representative = [{k: v[i:i + 1] for k, v in ids.items()} for i in range(len(SENTENCES))]
-    flatbuffer = tflite_lib.convert(model, loaded.preprocessor, "text", heads, "int8", representative)
+    info = tflite_lib.export_tflite(model, loaded.preprocessor, "text", heads, str(tmp_path), quantize="int8",
+                                    representative_data=representative)
+    with open(info["tflite_file"], "rb") as f:
+        flatbuffer = f.read()
+    with open(os.path.join(info["path"], "tftransfer.json")) as f:
+        recorded = json.load(f)["tflite"]
+    assert recorded["dynamic_int8_ops"] == {"FULLY_CONNECTED": 8} and recorded["integer_only"] is False
+    assert "TRANSPOSE" in recorded["float_ops"] and "FULLY_CONNECTED" not in recorded["float_ops"]
     it = interpreter(flatbuffer)
     details = {d["index"]: d for d in it.get_tensor_details()}
     dtypes = {i: d["dtype"] for i, d in details.items()}
