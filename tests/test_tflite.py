@@ -111,7 +111,7 @@ def test_int8_text_on_token_ids(tmp_path):
     dynamic = tflite_lib.dynamic_scopes(model)
     ops = it._get_ops_details()
     # The feed-forward, value and attention-output projections: int8 weights, one scale per
-    # output channel, float input quantised per example at run time (the hybrid kernel).
+    # output channel, float input quantised per token at run time (the hybrid kernel).
     hybrid = [o for o in ops if o["op_name"] == "FULLY_CONNECTED" and dynamic.search(names[o["outputs"][0]])]
     assert len(hybrid) == 4 * 2  # 4 projections x 2 layers
     for op in hybrid:

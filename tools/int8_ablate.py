@@ -1,4 +1,4 @@
-"""Which ops should text int8 keep float, or give per-example (dynamic) int8 inputs? Measured, not guessed.
+"""Which ops should text int8 keep float, or give per-token (dynamic) int8 inputs? Measured, not guessed.
 
     python tools/int8_ablate.py --workdir=W --examples=200 \
         --configs="ops=TRANSPOSE;ops=TRANSPOSE,GELU&dynamic=feedforward_output_dense"
@@ -19,7 +19,7 @@ the export keeps float on text (`tflite.FLOAT_OPS_TEXT_INT8` minus what
 - `ops=A,B`: more TFLite op types kept float.
 - `float=REGEX`: ops whose tensor names match kept float (weights float too).
 - `dynamic=REGEX`: `FULLY_CONNECTED` ops whose names match get int8 weights
-  and per-example int8 inputs (`tflite.dynamic_int8_fully_connected`).
+  and per-token int8 inputs (`tflite.dynamic_int8_fully_connected`).
 An empty configuration is the export's text int8 without its dynamic layers.
 """
 

@@ -47,7 +47,7 @@ flags.DEFINE_enum(
     "quantize", "none", ["none", "float16", "dynamic_range", "int8"],
     "TFLite: none (float32), float16 (~1/2 size), dynamic_range (int8 weights, ~1/4 size) or int8 "
     "(int8 weights and activations, calibrated on training examples; full integer for images; text: all "
-    "weights int8, feed-forward / value / attention-output projections quantise their input per example, "
+    "weights int8, feed-forward / value / attention-output projections quantise their input per token, "
     "layer norms, residual adds, GELU, attention softmax / matmuls / transposes and pooling in float). "
     "SavedModel: none or int8 (Keras model.quantize, text models).",
 )
@@ -97,7 +97,7 @@ def main(argv):
                   f"tflite.float_ops)")
         if result.get("dynamic_int8_ops"):
             ops = ", ".join(f"{n} x{k}" for n, k in sorted(result["dynamic_int8_ops"].items()))
-            print(f"dynamic int8: {ops} with int8 weights quantise their float input per example at run time "
+            print(f"dynamic int8: {ops} with int8 weights quantise their float input per token at run time "
                   f"(tftransfer.json: tflite.dynamic_int8_ops)")
     else:
         print(f"exported {result['path']}")

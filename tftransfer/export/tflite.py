@@ -29,7 +29,7 @@ Quantisation (`quantize`):
   accelerator needs. Text (BERT family): every weight is int8; the
   embedding lookups and the query / key projections have static int8
   activations; the feed-forward, value and attention-output projections
-  quantise their float input per example at run time
+  quantise their float input per token at run time
   (`DYNAMIC_INT8_LAYERS_TEXT`); the layer normalisations, residual
   additions, GELU, the attention-mask select, softmax, attention matrix
   products and transposes, and the heads' mean pooling run in float32
@@ -190,7 +190,7 @@ FLOAT_OPS_TEXT_INT8 = ("SELECT_V2", "SOFTMAX", "BATCH_MATMUL", "ADD", "TRANSPOSE
 # activations) and output (reads GELU, writes into the residual stream), the
 # value and the attention output (the value path into the residual stream).
 # They keep int8 weights (per output channel) but quantise their input per
-# example at run time (TFLite's hybrid kernel, `dynamic_int8_fully_connected`).
+# token at run time (TFLite's hybrid kernel, `dynamic_int8_fully_connected`).
 # Chosen on a held-out part of MiniLM's training split with
 # `tools/int8_ablate.py` (mean |probability difference| to the float model:
 # 0.036 with every projection static, 0.009 feed-forward output dynamic,
@@ -252,9 +252,9 @@ def dynamic_int8_fully_connected(flatbuffer, pattern):
 
     The weights are quantised per output channel, symmetric, exactly as
     `--quantize=dynamic_range` stores them, and the op quantises its float
-    input per example at run time (`asymmetric_quantize_inputs`): an int8 x
-    int8 product whose activation range is the example's own, not one
-    calibrated range for all examples.
+    input at run time, each row (token) with its own range
+    (`asymmetric_quantize_inputs`): an int8 x int8 product whose activation
+    range is the token's own, not one calibrated range for all inputs.
 
     Args:
         flatbuffer: bytes. A TFLite model.
@@ -323,7 +323,7 @@ def float_ops(flatbuffer):
 
 
 def dynamic_int8_ops(flatbuffer):
-    """`{op name: count}` of the ops with int8 weights and float input quantised per example at run time."""
+    """`{op name: count}` of the ops with int8 weights and float input quantised per token at run time."""
     ops, dtypes = _op_details(flatbuffer)
     counts = {}
     for o in ops:
@@ -365,7 +365,7 @@ def export_tflite(model, preprocessor, modality, heads, export_base, version=Non
         model stores), `size_ratio` (size / float32 weights),
         `accuracy` (the record, or None when not measured) and, for int8,
         `float_ops` (ops still computing in float32), `dynamic_int8_ops`
-        (`{op: count}` with int8 weights and per-example int8 inputs) and
+        (`{op: count}` with int8 weights and per-token int8 inputs) and
         `integer_only`.
 
     Example:
