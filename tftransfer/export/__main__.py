@@ -46,9 +46,10 @@ flags.DEFINE_enum("format", "saved_model", ["saved_model", "tflite"], "What to w
 flags.DEFINE_enum(
     "quantize", "none", ["none", "float16", "dynamic_range", "int8"],
     "TFLite: none (float32), float16 (~1/2 size), dynamic_range (int8 weights, ~1/4 size) or int8 "
-    "(int8 weights and activations, calibrated on training examples; full integer for images, text keeps "
-    "layer norms, residual adds, attention softmax / matmuls and pooling in float). SavedModel: none or "
-    "int8 (Keras model.quantize, text models).",
+    "(int8 weights and activations, calibrated on training examples; full integer for images; text: all "
+    "weights int8, feed-forward / value / attention-output projections quantise their input per token, "
+    "layer norms, residual adds, GELU, attention softmax / matmuls / transposes and pooling in float). "
+    "SavedModel: none or int8 (Keras model.quantize, text models).",
 )
 flags.DEFINE_float(
     "max_accuracy_drop", 0.01,
@@ -94,6 +95,10 @@ def main(argv):
         if result.get("float_ops"):
             print(f"not full-integer: {', '.join(result['float_ops'])} compute in float32 (tftransfer.json: "
                   f"tflite.float_ops)")
+        if result.get("dynamic_int8_ops"):
+            ops = ", ".join(f"{n} x{k}" for n, k in sorted(result["dynamic_int8_ops"].items()))
+            print(f"dynamic int8: {ops} with int8 weights quantise their float input per token at run time "
+                  f"(tftransfer.json: tflite.dynamic_int8_ops)")
     else:
         print(f"exported {result['path']}")
 

@@ -26,13 +26,16 @@ Quantisation (`quantize`):
   data). Input and output stay float32 / int32 (the interpreter quantises
   the input and dequantises the outputs), so clients call it exactly like
   the float model. Image models (ResNet): full-integer, what an int8-only
-  accelerator needs. Text (BERT family): every weight projection
-  (`FULLY_CONNECTED`), the feed-forward network and the embedding
-  lookups are int8, but the layer normalisations, the residual additions, the
-  attention-mask select, softmax and attention matrix products, and the
-  heads' mean pooling run in float32 between a dequantise and a quantise (see `FLOAT_OPS_TEXT_INT8`):
-  mixed int8 / float, not full-integer. `tftransfer.json` names them (`tflite.float_ops`,
-  `tflite.integer_only`).
+  accelerator needs. Text (BERT family): every weight is int8; the
+  embedding lookups and the query / key projections have static int8
+  activations; the feed-forward, value and attention-output projections
+  quantise their float input per token at run time
+  (`DYNAMIC_INT8_LAYERS_TEXT`); the layer normalisations, residual
+  additions, GELU, the attention-mask select, softmax, attention matrix
+  products and transposes, and the heads' mean pooling run in float32
+  between a dequantise and a quantise (`FLOAT_OPS_TEXT_INT8`): mixed, not
+  full-integer. `tftransfer.json` names them (`tflite.float_ops`,
+  `tflite.dynamic_int8_ops`, `tflite.integer_only`).
 The tolerances the tests hold are in `TOLERANCE`.
 
 Every quantised export measures what it costs in validation accuracy when
@@ -161,27 +164,39 @@ def interpreter_predict(flatbuffer):
 
 # Text int8 keeps some ops in float32 (TFLite's selective quantisation), each
 # between a dequantise and a quantise; measured on MiniLM drug reviews with
-# `tools/int8_debug.py` (BENCHMARKS.md, "int8"):
-# - BERT attention masks padding by selecting -1e9 before the softmax:
-#   calibrated per tensor, that input gets a scale of ~4e6, every real
-#   attention logit rounds to the zero point. The select and the softmax stay
-#   float.
-# - The attention matrix products (`BATCH_MATMUL`: query x key, and the
-#   softmax probabilities x value): int8 probabilities have a step of 1/255,
-#   coarser than a typical weight over 64 positions (RMSE of the context 21
-#   steps).
+# `tools/int8_debug.py` and `tools/int8_ablate.py` (BENCHMARKS.md, "int8"):
+# - The attention core: BERT masks padding by selecting -1e9 before the
+#   softmax. Calibrated per tensor, the select's input gets a scale of ~4e6,
+#   and TRANSPOSE (a layout op between the query x key product and the
+#   select) inherits that range: in int8 every real attention logit rounds to
+#   the zero point and the attention becomes uniform. So the select, the
+#   softmax, both attention matrix products (`BATCH_MATMUL`: int8
+#   probabilities have a step of 1/255, coarser than a typical weight over 64
+#   positions) and the attention layout `TRANSPOSE`s stay float. (Before
+#   TRANSPOSE was kept float, MiniLM lost 10 points on the held-out data; with
+#   it, 3.3.)
 # - Layer normalisation: the variance (MEAN of squared differences) and its
 #   RSQRT of the residual stream, which has a few outlier dimensions, lose
 #   everything in int8 (RMSE 18-186x the quantisation step, against 0.29 for
 #   rounding). Every op inside a `LayerNormalization` layer stays float, and
 #   so does the heads' masked mean pooling (a sum over the sequence).
 # - The residual additions (`ADD`): the residual stream's outlier dimensions
-#   set a per-tensor int8 step too coarse for all the others (a hypothesis:
-#   the debugger measures error in steps, so a coarse step does not show).
-# The per-tensor errors above are what the debugger measured; what keeping
-# these ops float buys in accuracy is in BENCHMARKS.md ("int8 TFLite"): on
-# MiniLM it stays over a one-point budget, and `dynamic_range` loses nothing.
-FLOAT_OPS_TEXT_INT8 = ("SELECT_V2", "SOFTMAX", "BATCH_MATMUL", "ADD")
+#   set a per-tensor int8 step too coarse for all the others.
+# - `GELU`: its output is the feed-forward output projection's input (below).
+FLOAT_OPS_TEXT_INT8 = ("SELECT_V2", "SOFTMAX", "BATCH_MATMUL", "ADD", "TRANSPOSE", "GELU")
+# Projections whose activations carry BERT's outlier channels (Bondarenko et
+# al. 2021), which no single calibrated int8 range fits: the feed-forward
+# intermediate (reads the attention layer norm, writes the pre-GELU
+# activations) and output (reads GELU, writes into the residual stream), the
+# value and the attention output (the value path into the residual stream).
+# They keep int8 weights (per output channel) but quantise their input per
+# token at run time (TFLite's hybrid kernel, `dynamic_int8_fully_connected`).
+# Chosen on a held-out part of MiniLM's training split with
+# `tools/int8_ablate.py` (mean |probability difference| to the float model:
+# 0.036 with every projection static, 0.009 feed-forward output dynamic,
+# 0.006 both feed-forward, 0.0049 these four, 0.0044 every projection
+# dynamic: query / key stay static at no measured cost). BENCHMARKS.md.
+DYNAMIC_INT8_LAYERS_TEXT = ("feedforward_intermediate_dense", "feedforward_output_dense", "value", "attention_output")
 
 
 def float_scopes(model, heads):
@@ -197,34 +212,125 @@ def float_scopes(model, heads):
     return re.compile("/(" + "|".join(re.escape(n) for n in sorted(names)) + r")(_\d+)?/")
 
 
+def dynamic_scopes(model):
+    """A regex matching the TFLite tensor names made inside the `DYNAMIC_INT8_LAYERS_TEXT` projections (None: none)."""
+    import re
+
+    from tftransfer.keras_private import sublayers
+
+    names = {l.name for l in sublayers(model)
+             if isinstance(l, (keras.layers.Dense, keras.layers.EinsumDense)) and l.name in DYNAMIC_INT8_LAYERS_TEXT}
+    if not names:
+        return None
+    return re.compile("/(" + "|".join(re.escape(n) for n in sorted(names)) + r")(_\d+)?/")
+
+
 def _int8_text(converter, model, heads):
-    """Int8 conversion with `FLOAT_OPS_TEXT_INT8` and `float_scopes` left in float."""
+    """Int8 conversion: `FLOAT_OPS_TEXT_INT8` and `float_scopes` float, `dynamic_scopes` with dynamic int8 inputs."""
+    import re
+
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(FLOAT_OPS_TEXT_INT8))
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter, debug_dataset=converter.representative_dataset, debug_options=options
     )
-    scopes = float_scopes(model, heads)
+    scopes, dynamic = float_scopes(model, heads), dynamic_scopes(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
         calibrated = tf.lite.Interpreter(model_content=debugger.calibrated_model)
-    nodes = [d["name"] for d in calibrated.get_tensor_details() if scopes.search(d["name"])]
+    names = [d["name"] for d in calibrated.get_tensor_details()]
+    nodes = [n for n in names if scopes.search(n) or (dynamic and dynamic.search(n))]
     debugger.options = tf.lite.experimental.QuantizationDebugOptions(  # re-quantised, not re-calibrated
         denylisted_ops=list(FLOAT_OPS_TEXT_INT8), denylisted_nodes=nodes)
-    return debugger.get_nondebug_quantized_model()
+    flatbuffer = debugger.get_nondebug_quantized_model()
+    if dynamic is not None:
+        flatbuffer, _ = dynamic_int8_fully_connected(flatbuffer, dynamic)
+    return bytes(flatbuffer)
 
 
-def float_ops(flatbuffer):
-    """Sorted names of the ops that compute in float32 (not counting (de)quantise), for the metadata."""
+def dynamic_int8_fully_connected(flatbuffer, pattern):
+    """Give float `FULLY_CONNECTED` ops whose output name matches `pattern` int8 weights (TFLite's hybrid kernel).
+
+    The weights are quantised per output channel, symmetric, exactly as
+    `--quantize=dynamic_range` stores them, and the op quantises its float
+    input at run time, each row (token) with its own range
+    (`asymmetric_quantize_inputs`): an int8 x int8 product whose activation
+    range is the token's own, not one calibrated range for all inputs.
+
+    Args:
+        flatbuffer: bytes. A TFLite model.
+        pattern: compiled regex over tensor names (the op's output or its weights).
+
+    Returns:
+        (bytes, int): the model and how many ops were changed.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+    users = {}  # buffer -> tensors that read it: a shared float buffer is left alone
+    for graph in model.subgraphs:
+        for t in graph.tensors:
+            users.setdefault(t.buffer, []).append(t)
+    changed = 0
+    for graph in model.subgraphs:
+        for op in graph.operators:
+            if codes[op.opcodeIndex] != schema.BuiltinOperator.FULLY_CONNECTED:
+                continue
+            data, weight = (graph.tensors[i] for i in op.inputs[:2])
+            if not any(pattern.search(t.name.decode()) for t in (graph.tensors[op.outputs[0]], weight)):
+                continue
+            buffer = model.buffers[weight.buffer]
+            if (data.type != schema.TensorType.FLOAT32 or weight.type != schema.TensorType.FLOAT32
+                    or buffer.data is None or len(users[weight.buffer]) != 1):
+                continue
+            w = np.frombuffer(np.asarray(buffer.data, np.uint8).tobytes(), "<f4").reshape(weight.shape)
+            scale = np.maximum(np.abs(w).max(axis=1), 1e-12) / 127.0
+            q = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
+            buffer.data = np.frombuffer(q.tobytes(), np.uint8)
+            weight.type = schema.TensorType.INT8
+            weight.quantization = schema.QuantizationParametersT()
+            weight.quantization.scale = scale.astype(np.float32).tolist()
+            weight.quantization.zeroPoint = [0] * len(scale)
+            weight.quantization.quantizedDimension = 0
+            op.builtinOptions.asymmetricQuantizeInputs = True
+            changed += 1
+    return flatbuffer_utils.convert_object_to_bytearray(model), changed
+
+
+def _op_details(flatbuffer):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         interpreter = tf.lite.Interpreter(  # no XNNPACK: its DELEGATE node would hide the ops it takes
             model_content=flatbuffer,
             experimental_op_resolver_type=tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     dtypes = {d["index"]: d["dtype"] for d in interpreter.get_tensor_details()}
-    return sorted({o["op_name"] for o in interpreter._get_ops_details()  # private: no public op listing
-                   if o["op_name"] not in ("QUANTIZE", "DEQUANTIZE")
+    return interpreter._get_ops_details(), dtypes  # private: no public op listing
+
+
+def _is_hybrid(op, dtypes):
+    """A FULLY_CONNECTED with float input, int8 weights, float output (TFLite's dynamic-range kernel)."""
+    return (op["op_name"] == "FULLY_CONNECTED" and dtypes.get(op["inputs"][0]) == np.float32
+            and dtypes.get(op["inputs"][1]) == np.int8)
+
+
+def float_ops(flatbuffer):
+    """Sorted names of the ops that compute in float32 (not counting (de)quantise, nor `dynamic_int8_ops`)."""
+    ops, dtypes = _op_details(flatbuffer)
+    return sorted({o["op_name"] for o in ops
+                   if o["op_name"] not in ("QUANTIZE", "DEQUANTIZE") and not _is_hybrid(o, dtypes)
                    and any(dtypes.get(i) == np.float32 for i in o["outputs"])})
+
+
+def dynamic_int8_ops(flatbuffer):
+    """`{op name: count}` of the ops with int8 weights and float input quantised per token at run time."""
+    ops, dtypes = _op_details(flatbuffer)
+    counts = {}
+    for o in ops:
+        if _is_hybrid(o, dtypes):
+            counts[o["op_name"]] = counts.get(o["op_name"], 0) + 1
+    return counts
 
 
 def export_tflite(model, preprocessor, modality, heads, export_base, version=None,
@@ -259,7 +365,9 @@ def export_tflite(model, preprocessor, modality, heads, export_base, version=Non
         `float32_weights_bytes` (4 bytes x parameters: what an unquantised
         model stores), `size_ratio` (size / float32 weights),
         `accuracy` (the record, or None when not measured) and, for int8,
-        `float_ops` (ops still computing in float32) and `integer_only`.
+        `float_ops` (ops still computing in float32), `dynamic_int8_ops`
+        (`{op: count}` with int8 weights and per-token int8 inputs) and
+        `integer_only`.
 
     Example:
     ```python
@@ -287,7 +395,8 @@ def export_tflite(model, preprocessor, modality, heads, export_base, version=Non
                 size_ratio=round(len(flatbuffer) / weights_bytes, 4), quantize=quantize)
     if quantize == "int8":  # what is not integer, named (text: layer norms, mask select, softmax)
         info["float_ops"] = float_ops(flatbuffer)
-        info["integer_only"] = not info["float_ops"]
+        info["dynamic_int8_ops"] = dynamic_int8_ops(flatbuffer)
+        info["integer_only"] = not info["float_ops"] and not info["dynamic_int8_ops"]
 
     def write(directory):
         with open(os.path.join(directory, TFLITE_FILE), "wb") as f:
