@@ -131,13 +131,7 @@ def holdout_step(out, seeds, results, epochs=3, modes=("full",)):
             key = f"{mode}_heldout_s{seed}" if epochs == 3 else f"{mode}_heldout_e{epochs}_s{seed}"
             W = os.path.join(out, key)
             if not trained(W):
-                if mode == "full":
-                    train = (f"{{epochs: {epochs}, optimizer: adamw, learning_rate: 0.0001, weight_decay: 0.01, "
-                             f"lr_schedule: cosine, seed: {seed}, verbose: 0}}")
-                else:
-                    train = (f"{{epochs: {epochs}, optimizer: adamw, learning_rate: 0.002, lr_schedule: cosine, "
-                             f"seed: {seed}, verbose: 0, lora: {{rank: 8, alpha: 16}}}}")
-                config = text_config(out, key, backbone, train, train_csv="drug_fit.csv",
+                config = text_config(out, key, backbone, train_settings(mode, seed, epochs), train_csv="drug_fit.csv",
                                      validation_csv="drug_heldout.csv")
                 run_measured("tftransfer.train", f"--config={config}", f"--workdir={W}")
             metrics = json.load(open(os.path.join(W, "metrics.json")))
@@ -161,6 +155,15 @@ export: {{saved_model: false}}
     return path
 
 
+def train_settings(mode, seed, epochs=3):
+    """The `train:` block of the benchmark's `full` fine-tuning or `lora` run (one recipe for every step)."""
+    if mode == "full":
+        return (f"{{epochs: {epochs}, optimizer: adamw, learning_rate: 0.0001, weight_decay: 0.01, "
+                f"lr_schedule: cosine, seed: {seed}, verbose: 0}}")
+    return (f"{{epochs: {epochs}, optimizer: adamw, learning_rate: 0.002, lr_schedule: cosine, "
+            f"seed: {seed}, verbose: 0, lora: {{rank: 8, alpha: 16}}}}")
+
+
 def trained(workdir):
     return os.path.isfile(os.path.join(workdir, "metrics.json"))
 
@@ -170,16 +173,10 @@ def lora_step(out, seeds, results):
     for seed in seeds:
         for mode in ("full", "lora"):
             W = os.path.join(out, f"{mode}_s{seed}")
-            if mode == "full":
-                train = (f"{{epochs: 3, optimizer: adamw, learning_rate: 0.0001, weight_decay: 0.01, "
-                         f"lr_schedule: cosine, seed: {seed}, verbose: 0}}")
-            else:
-                train = (f"{{epochs: 3, optimizer: adamw, learning_rate: 0.002, lr_schedule: cosine, "
-                         f"seed: {seed}, verbose: 0, lora: {{rank: 8, alpha: 16}}}}")
             key = f"{mode}_s{seed}"
             if key in results.get("lora", {}):
                 continue
-            config = text_config(out, key, backbone, train)
+            config = text_config(out, key, backbone, train_settings(mode, seed))
             seconds, peak_mb, err = run_measured("tftransfer.train", f"--config={config}", f"--workdir={W}")
             metrics = json.load(open(os.path.join(W, "metrics.json")))
             steps = metrics["epochs"] * -(-metrics["num_train_examples"] // metrics["global_batch_size"])
