@@ -75,3 +75,93 @@ def test_kernel_variable_and_adding_weights_to_a_built_layer():
     with keras_private.weights_unlocked(dense):
         dense.extra = dense.add_weight(name="extra", shape=(1,))
     assert len(dense.weights) == before + 1
+
+
+def _h5_contents(path):
+    import h5py
+
+    contents = {}
+    with h5py.File(path) as f:
+        contents["/"] = (sorted(f.attrs.items()), None)
+
+        def visit(name, obj):
+            value = obj[()] if isinstance(obj, h5py.Dataset) else None
+            contents[name] = (sorted((k, str(v)) for k, v in obj.attrs.items()), value)
+
+        f.visititems(visit)
+    return contents
+
+
+def _assert_same_file(a, b):
+    ca, cb = _h5_contents(a), _h5_contents(b)
+    assert sorted(ca) == sorted(cb)
+    for name in ca:
+        assert ca[name][0] == cb[name][0], name
+        if ca[name][1] is None:
+            assert cb[name][1] is None, name
+        else:
+            assert ca[name][1].dtype == cb[name][1].dtype, name
+            np.testing.assert_array_equal(ca[name][1], cb[name][1], err_msg=name)
+
+
+def test_weights_writer_writes_keras_file_without_walking_the_model_again(tmp_path, monkeypatch):
+    from keras.src.saving import saving_lib
+
+    inputs = keras.Input((6,))
+    outputs = keras.layers.Dense(3)(keras.layers.BatchNormalization()(keras.layers.Dense(4)(inputs)))
+    model = keras.Model(inputs, outputs)
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    x, y = np.random.default_rng(0).random((8, 6)), np.arange(8) % 3
+    model.fit(x, y, epochs=1, verbose=0)
+    walks = []
+    real_save_state = saving_lib._save_state
+
+    def counting(saveable, *args, **kwargs):
+        if kwargs.get("inner_path") == "":  # a whole walk (it recurses with the children's paths)
+            walks.append(saveable)
+        return real_save_state(saveable, *args, **kwargs)
+
+    def keras_save():  # the reference file, uncounted
+        monkeypatch.setattr(saving_lib, "_save_state", real_save_state)
+        model.save_weights(str(tmp_path / "keras.weights.h5"))
+        monkeypatch.setattr(saving_lib, "_save_state", counting)
+
+    monkeypatch.setattr(saving_lib, "_save_state", counting)
+    writer = keras_private.WeightsWriter()
+    for step in range(3):
+        model.fit(x, y, epochs=1, verbose=0)  # new values (weights, BatchNorm statistics, Adam slots)
+        writer.save(model, str(tmp_path / "fast.weights.h5"))
+        keras_save()
+        _assert_same_file(tmp_path / "fast.weights.h5", tmp_path / "keras.weights.h5")
+    assert len(walks) == 1  # the walk ran once (recording); later saves replayed it
+
+    # Keras reads it back: weights and optimizer state.
+    clone = keras.models.clone_model(model)
+    clone.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    clone.optimizer.build(clone.trainable_variables)
+    clone.load_weights(str(tmp_path / "fast.weights.h5"))
+    for a, b in zip(model.weights + model.optimizer.variables, clone.weights + clone.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    # A rebuilt optimizer (new variables, as unfreezing makes) is walked again.
+    model.layers[1].trainable = False
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=1, verbose=0)
+    writer.save(model, str(tmp_path / "fast.weights.h5"))
+    keras_save()
+    _assert_same_file(tmp_path / "fast.weights.h5", tmp_path / "keras.weights.h5")
+    assert len(walks) == 2
+
+
+def test_weights_writer_leaves_computed_values_to_keras(tmp_path):
+    # Keras' LoRA stores the merged kernel, computed at save time: no replay.
+    inputs = keras.Input((6,))
+    dense = keras.layers.Dense(3)
+    model = keras.Model(inputs, dense(inputs))
+    dense.enable_lora(2)
+    dense.lora_kernel_b.assign(np.ones((2, 3)))
+    writer = keras_private.WeightsWriter()
+    writer.save(model, str(tmp_path / "fast.weights.h5"))
+    assert writer._plan is None
+    model.save_weights(str(tmp_path / "keras.weights.h5"))
+    _assert_same_file(tmp_path / "fast.weights.h5", tmp_path / "keras.weights.h5")

@@ -64,6 +64,34 @@ def test_summary_numbers_equal_scikit_learns_on_unbalanced_and_missing_classes()
             assert m["accuracy"] == pytest.approx(skm.accuracy_score(labels, predicted), abs=1e-12)
 
 
+def test_epoch_metrics_equal_classification_metrics_and_scikit_learns():
+    # ValidationReport's per-epoch numbers (numpy only, metrics.epoch_metrics)
+    # must be the report's: unbalanced, absent and never-predicted classes,
+    # tied probabilities (top-k ranks ties as scikit-learn does), one class.
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(1)
+    cases = []
+    for num_classes in (2, 3, 7):
+        for n in (1, 5, 40):
+            probs = rng.random((n, num_classes)) ** 3
+            cases.append((rng.integers(0, num_classes - 1, n), probs / probs.sum(-1, keepdims=True)))
+    tied = np.round(rng.random((30, 6)), 1) + 0.01  # many ties
+    cases.append((rng.integers(0, 6, 30), tied / tied.sum(-1, keepdims=True)))
+    cases.append((np.zeros(4, int), np.ones((4, 1))))  # one class
+    for labels, probs in cases:
+        fast = metrics.epoch_metrics(labels, probs, top_k=3)
+        full = metrics.classification_metrics(labels, probs, top_k=3)
+        for key in ("macro_f1", "weighted_f1", "top_k_accuracy", "ece"):
+            assert fast[key] == pytest.approx(full[key], abs=1e-12), key
+        ids = list(range(probs.shape[1]))
+        if len(ids) > 2:
+            expected = skm.top_k_accuracy_score(labels, probs, k=min(3, len(ids) - 1), labels=ids)
+            assert fast["top_k_accuracy"] == pytest.approx(expected, abs=1e-12)
+        expected = skm.f1_score(labels, probs.argmax(-1), labels=ids, average="macro", zero_division=0)
+        assert fast["macro_f1"] == pytest.approx(expected, abs=1e-12)
+
+
 def test_top_k_is_capped_below_the_number_of_classes():
     m = metrics.classification_metrics(LABELS, PROBS, top_k=5)
     assert m["top_k"] == 2  # top-3 of 3 classes would always be 1.0

@@ -24,6 +24,8 @@ import os
 
 import keras
 
+from tftransfer import keras_private
+
 KEEP_CHOICES = ("best", "last")
 
 
@@ -72,6 +74,7 @@ class EpochRecord(keras.callbacks.Callback):
         self.monitor = monitor
         self.mode = monitor_mode(monitor) if mode == "auto" else mode
         self._saved = None  # (epoch, path) of this process's last best-weights write
+        self._writer = keras_private.WeightsWriter()  # save_weights, without Keras' walk every epoch
 
     def on_train_begin(self, logs=None):
         self.record = read_record(self.record_path)
@@ -91,7 +94,7 @@ class EpochRecord(keras.callbacks.Callback):
         if value is not None and math.isfinite(value) and self._better(value):
             os.makedirs(os.path.dirname(self.best_weights_path) or ".", exist_ok=True)
             tmp = self.best_weights_path + ".tmp.weights.h5"
-            self.model.save_weights(tmp, overwrite=True)
+            self._writer.save(self.model, tmp)
             os.replace(tmp, self.best_weights_path)
             self.record.update(best_epoch=epoch, best_value=value)
             self._saved = (epoch, self.best_weights_path)

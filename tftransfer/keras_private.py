@@ -121,3 +121,112 @@ class StatelessSeed(keras.random.SeedGenerator):
 
         self._draws += 1
         return tf.random.experimental.stateless_fold_in(self._seed, self._draws)
+
+
+class WeightsWriter:
+    """`model.save_weights(path)` for a model saved again and again (every epoch).
+
+    Writes the same `.weights.h5` file as Keras (the same groups, `name`
+    attributes and datasets; `model.load_weights` reads it), ~5x faster for
+    small models: Keras' `save_weights_only` walks the whole object graph
+    (`saving_lib._save_state`: `dir()` and attribute tracking of every layer,
+    ~8 ms even for a linear head, a third of an epoch on cached features)
+    on every call. Here the walk runs once per model with a recording store
+    (a `saving_lib.H5IOStore` subclass, which `_save_state` requires), and
+    later calls replay what it recorded — group paths, metadata and the
+    variables each `save_own_variables` stored — straight to h5py, reading
+    each variable's current value. Written here because Keras has no public
+    way to reuse the walk.
+
+    The plan is walked again when the model's, its optimizer's or its
+    metrics' variables are not the same objects as before (the optimizer
+    rebuilt on unfreezing, metrics built on the first step). Where a layer
+    stores a computed value rather than a variable (Keras' LoRA merges
+    its adapters into the kernel at save time), Keras' own `save_weights`
+    writes the file.
+    """
+
+    def __init__(self):
+        self._signature, self._plan = None, None
+
+    def save(self, model, path):
+        signature = _variables_signature(model)
+        if signature != self._signature:
+            self._signature, self._plan = signature, _record_plan(model)
+        if self._plan is None:
+            model.save_weights(path, overwrite=True)
+            return
+        _write_plan(self._plan, path)
+
+
+def _variables_signature(model):
+    optimizer = getattr(model, "optimizer", None)
+    variables = list(model.variables) + list(getattr(model, "metrics_variables", []))
+    if optimizer is not None:
+        variables += list(optimizer.variables)
+    return tuple(id(v) for v in variables)
+
+
+def _record_plan(model):
+    """`[(path, metadata, [(key, variable)])]` in Keras' write order, or None
+    when something stored is not a variable."""
+    from keras.src.saving import saving_lib
+
+    class Recording(saving_lib.H5IOStore):
+        def __init__(self):  # No file: only what `_save_state` would write.
+            self.entries = []
+
+        def __bool__(self):
+            return True
+
+        def make(self, path, metadata=None):
+            self.entries.append((path, dict(metadata) if metadata else None, []))
+            return self
+
+        def __setitem__(self, key, value):
+            self.entries[-1][2].append((key, value))
+
+    store = Recording()
+    saving_lib._save_state(model, weights_store=store, assets_store=None, inner_path="",
+                           visited_saveables=set())
+    optimizer = getattr(model, "optimizer", None)
+    plan = []
+    for path, metadata, items in store.entries:
+        if not all(isinstance(value, keras.Variable) for _, value in items):
+            # `BaseOptimizer.save_own_variables` stores `variables[i].numpy()` as "i".
+            if path != "optimizer" or optimizer is None or not _are_values_of(items, optimizer.variables):
+                return None
+            items = [(key, variable) for (key, _), variable in zip(items, optimizer.variables)]
+        plan.append((path, metadata, items))
+    return plan
+
+
+def _are_values_of(items, variables):
+    """Whether `items` are `("0", variables[0].numpy()), ("1", ...)`, in order."""
+    import numpy as np
+
+    return len(items) == len(variables) and all(
+        key == str(i) and isinstance(value, np.ndarray | np.generic) and np.array_equal(value, v.numpy())
+        and np.asarray(value).dtype == v.numpy().dtype
+        for i, ((key, value), v) in enumerate(zip(items, variables)))
+
+
+def _write_plan(plan, path):
+    """What `H5IOStore` writes for `plan`: a `vars` group per entry that has
+    metadata or values (`name` attribute from the metadata), a dataset per value."""
+    import h5py
+    from keras.src import backend
+
+    with h5py.File(path, "w") as f:
+        for entry_path, metadata, items in plan:
+            if not metadata and not items:
+                continue
+            group = f.create_group(entry_path).create_group("vars") if entry_path else f.create_group("vars")
+            for k, v in (metadata or {}).items():
+                group.attrs[k] = v
+            for key, variable in items:
+                value = backend.convert_to_numpy(variable)
+                if backend.standardize_dtype(value.dtype) == "bfloat16":
+                    group.create_dataset(key, data=value).attrs["dtype"] = "bfloat16"
+                else:
+                    group[key] = value

@@ -38,7 +38,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tftransfer import workdir
+from tftransfer import keras_private, workdir
 
 STATE = "state.json"
 
@@ -324,6 +324,7 @@ class StepBackup(keras.callbacks.Callback):
         self._restored = False
         self._step = self.restore_point()
         self._since = 0
+        self._writer = keras_private.WeightsWriter()  # save_weights, without Keras' walk every time
 
     def _read_state(self):
         path = os.path.join(self.read_dir, STATE)
@@ -369,7 +370,7 @@ class StepBackup(keras.callbacks.Callback):
         name = f"step-{self._step}.weights.h5"
         path = os.path.join(self.write_dir, name)
         if not (link_to and _linked(link_to, path)):
-            self.model.save_weights(path, overwrite=True)
+            self._writer.save(self.model, path)
         previous = self._read_own()
         workdir.write_json(os.path.join(self.write_dir, STATE), {"step": self._step, "weights": name})
         if previous and previous != name and os.path.exists(os.path.join(self.write_dir, previous)):

@@ -66,7 +66,7 @@ class ValidationReport(keras.callbacks.Callback):
         collected = predictions.collect(self._predict, self._batches(), self.heads, verbose=0)
         for h in self.heads:
             labels, probabilities = collected[h.name]
-            m = metrics_lib.classification_metrics(labels, probabilities, top_k=self.top_k)
+            m = metrics_lib.epoch_metrics(labels, probabilities, top_k=self.top_k)
             for key in LOGGED:
                 logs[f"val_{key}" if self._single else f"val_{h.name}_{key}"] = m[key]
 
