@@ -35,8 +35,9 @@ def main(argv):
 
     # 3-4. Data, fully checked before the work dir is touched; backbone, heads,
     # optimizer, unfreezing inside the strategy scope.
-    built = experiment.build_training(cfg, run.strategy, run.replicas, log_dir=run.path(workdir.LOGS),
-                                      num_workers=run.cluster.num_workers)
+    # No log_dir for the unfreezing callback: its values are in the epoch logs,
+    # which the run's TensorBoard callback writes (`epoch_lr_head`, ...).
+    built = experiment.build_training(cfg, run.strategy, run.replicas, num_workers=run.cluster.num_workers)
     labelled, heads, steps = built.labelled, built.heads, built.steps
     loaded, model, unfreezing = built.loaded, built.model, built.unfreezing
     cache = experiment.data_cache(cfg, labelled, loaded, run.path(workdir.DATA_CACHE))
