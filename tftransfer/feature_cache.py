@@ -38,15 +38,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tftransfer.data import pipeline
 from tftransfer.data.array_cache import digest, preprocessed_inputs, read_arrays, write_arrays
 from tftransfer.data.sources import Split
 from tftransfer.errors import UserError
 
 # train.cache_features: auto (on exactly when `decide` says it applies) or false.
 MODES = ("auto", False)
-# The modality of a features split: `make_pipeline` batches it like any other
-# (no augmentation), with `identity` as its preprocessor.
-FEATURES = "features"
+# The modality of a features split: `make_pipeline` batches it (no
+# augmentation, `identity` as its preprocessor) and keeps its validation batches.
+FEATURES = pipeline.FEATURES
 # Rows per replica in one evaluation batch of a features split. Pooled
 # features are at most a few thousand floats per row (4096 x 2048 float32 =
 # 32 MiB for ResNet-50), and a linear head over them costs microseconds per

@@ -195,7 +195,7 @@ def cached(ds, preprocessor, modality, mode, directory=None, role="train", split
             raise ValueError("cache='disk' needs a cache directory (cache_dir, e.g. W/cache/data)")
         filename = disk_file(directory, role, key(ds, preprocessor, modality, split))
     if modality != "image":
-        return _filled(ds.map(lambda x, y: (preprocess(preprocessor, x), y),
+        return filled(ds.map(lambda x, y: (preprocess(preprocessor, x), y),
                               num_parallel_calls=AUTOTUNE).cache(filename), fill)
 
     out_spec = ds.map(lambda x, y: preprocess(preprocessor, x)).element_spec
@@ -219,11 +219,11 @@ def cached(ds, preprocessor, modality, mode, directory=None, role="train", split
                     lambda: output)
         return tf.ensure_shape(x, out_spec.shape), y
 
-    ds = _filled(ds.map(encode, num_parallel_calls=AUTOTUNE).cache(filename), fill)
+    ds = filled(ds.map(encode, num_parallel_calls=AUTOTUNE).cache(filename), fill)
     return ds.map(decode, num_parallel_calls=AUTOTUNE)
 
 
-def _filled(cache, fill):
+def filled(cache, fill=True):
     """`cache` (a `Dataset.cache`), completed by one full pass when `fill`."""
     if fill:
         import tensorflow as tf
