@@ -103,3 +103,54 @@ def kill_after_first_backup_then_resume(args, workdir, timeout=600):
     assert not os.path.exists(os.path.join(workdir, "metrics.json"))
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
+
+
+@pytest.fixture(scope="session")
+def _tiny_digits_run(tmp_path_factory):
+    """One real `python -m tftransfer.train` run of TINY_DIGITS_YAML (2 epochs, SavedModel export on),
+    made once per test session: under pytest-xdist the workers share it through a lock in the
+    session's common temporary dir, so whichever worker asks first trains and the other waits."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this session's pytest-N/, shared by its workers (not by later sessions)
+    root = base / "shared_tiny_digits"
+    with open(base / "shared_tiny_digits.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        done = root / "w" / "metrics.json"
+        if not done.exists():
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            (root / "tiny.yaml").write_text(TINY_DIGITS_YAML)
+            result = run_cli("tftransfer.train", f"--config={root / 'tiny.yaml'}", f"--workdir={root / 'w'}")
+            assert result.returncode == 0, result.stderr[-3000:]
+    return root / "w"
+
+
+@pytest.fixture
+def tiny_digits_workdir(_tiny_digits_run, tmp_path):
+    """A private copy (path, str) of a finished TINY_DIGITS_YAML work dir with its export/1: for
+    tests of what runs on a trained work dir (evaluate, export), not of training itself."""
+    import shutil
+
+    W = tmp_path / "tiny_digits"
+    shutil.copytree(_tiny_digits_run, W)
+    return str(W)
+
+
+# Longest files first (measured, slowest first): under `-n 2 --dist loadfile` pytest-xdist hands
+# out whole files in collection order, so a long file collected last runs alone at the end while
+# the other worker idles. The order is static, hence the same on every worker, as xdist requires.
+SLOW_FILES_FIRST = ("test_precision.py", "test_notebook.py", "test_train.py", "test_callbacks.py",
+                    "test_distill.py", "test_train_resume.py", "test_compare.py", "test_multiworker.py",
+                    "test_export_main.py", "test_run_loop.py", "test_lora.py", "test_pretrain.py",
+                    "test_data.py", "test_contrastive.py", "test_data_cache.py", "test_export.py",
+                    "test_bad_inputs.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept

@@ -330,14 +330,8 @@ def test_train_bad_inputs(tmp_path):
     assert not problems, "\n".join(problems)
 
 
-def test_export_bad_inputs(tmp_path):
-    from conftest import run_cli
-
-    config = tmp_path / "c.yaml"
-    config.write_text(TINY_DIGITS_YAML.replace("epochs: 2", "epochs: 1"))
-    trained = str(tmp_path / "trained")
-    result = run_cli("tftransfer.train", f"--config={config}", f"--workdir={trained}")
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_export_bad_inputs(tmp_path, tiny_digits_workdir):
+    trained = tiny_digits_workdir  # a finished TINY_DIGITS_YAML run (conftest), with its export/1
     cases = _export_cases(tmp_path, trained)
     before = {n: _files(next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")), "")) for n, argv, _ in cases}
     problems = _check(cases, _run("tftransfer.export", cases, tmp_path), before)

@@ -26,7 +26,7 @@ from tftransfer.distill.student_init import evenly_spaced
 from tftransfer.errors import UserError
 from tftransfer.heads import HeadSpec
 
-from conftest import TINY_DIGITS_YAML, TINY_VOCAB, run_cli, tiny_bert_spec
+from conftest import TINY_VOCAB, run_cli, tiny_bert_spec
 
 HEADS = [HeadSpec(num_classes=3)]
 ACCURACY = {"label": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]}
@@ -306,14 +306,12 @@ distill:
 
 
 @pytest.fixture(scope="module")
-def teacher_workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teacher")
-    config = root / "teacher.yaml"
-    config.write_text(TINY_DIGITS_YAML)
-    W = str(root / "w")
-    result = run_cli("tftransfer.train", f"--config={config}", f"--workdir={W}", "--config.name=tiny_teacher",
-                     "--config.train.epochs=3", "--config.export.saved_model=false")
-    assert result.returncode == 0, result.stderr[-3000:]
+def teacher_workdir(_tiny_digits_run, tmp_path_factory):
+    """A copy of the session's finished TINY_DIGITS_YAML run (conftest): a real trained teacher."""
+    import shutil
+
+    W = str(tmp_path_factory.mktemp("teacher") / "w")
+    shutil.copytree(_tiny_digits_run, W)
     return W
 
 

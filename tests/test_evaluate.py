@@ -6,17 +6,13 @@ import os
 import numpy as np
 from PIL import Image
 
-from conftest import TINY_DIGITS_YAML, run_cli
+from conftest import run_cli
 from tftransfer.report import plots
 from tftransfer.report.history import read_history
 
 
-def test_report_from_workdir_and_saved_model(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_DIGITS_YAML)
-    W = str(tmp_path / "w")
-    trained = run_cli("tftransfer.train", f"--config={config}", f"--workdir={W}")
-    assert trained.returncode == 0, trained.stderr[-3000:]
+def test_report_from_workdir_and_saved_model(tiny_digits_workdir):
+    W = tiny_digits_workdir  # a finished TINY_DIGITS_YAML run (conftest), with its export/1
 
     result = run_cli("tftransfer.evaluate", f"--workdir={W}")
     assert result.returncode == 0, result.stderr[-3000:]

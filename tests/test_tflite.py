@@ -17,7 +17,7 @@ from tftransfer.export import quantize as quantize_lib
 from tftransfer.export import tflite as tflite_lib
 from tftransfer.heads import HeadSpec
 
-from conftest import TINY_DIGITS_YAML, TINY_RESNET, run_cli, tiny_bert_spec
+from conftest import TINY_RESNET, run_cli, tiny_bert_spec
 
 SENTENCES = ["the movie was good", "a film is not fun", "the movie was very boring !", "great great film",
              "awful", "the film was bad", "a very good movie", "not bad"]
@@ -187,18 +187,8 @@ def test_accuracy_budget(tmp_path):
         quantize_lib.check_max_accuracy_drop(-0.1)
 
 
-@pytest.fixture(scope="module")
-def digits_workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("int8")
-    config = root / "tiny.yaml"
-    config.write_text(TINY_DIGITS_YAML)
-    workdir = str(root / "w")
-    proc = run_cli("tftransfer.train", f"--config={config}", f"--workdir={workdir}", "--config.export.saved_model=false")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir
-
-
-def test_cli_int8_prints_and_records_accuracy_then_refuses_over_budget(digits_workdir):
+def test_cli_int8_prints_and_records_accuracy_then_refuses_over_budget(tiny_digits_workdir):
+    digits_workdir = tiny_digits_workdir  # a finished TINY_DIGITS_YAML run (conftest)
     base = os.path.join(digits_workdir, "tflite")
     proc = run_cli("tftransfer.export", f"--workdir={digits_workdir}", "--format=tflite", "--quantize=int8",
                    "--max_accuracy_drop=0.05", "--representative_examples=50")

@@ -1,4 +1,5 @@
-"""`python -m tftransfer.train` end to end, resume, epoch selection, divergence (bad inputs: test_bad_inputs.py)."""
+"""`python -m tftransfer.train` end to end, epoch selection, divergence, multi-task (kill/resume:
+test_train_resume.py; bad inputs: test_bad_inputs.py)."""
 
 import json
 import os
@@ -16,11 +17,21 @@ def _config(tmp_path, text=TINY_DIGITS, name="c.yaml"):
     return str(path)
 
 
-def test_train_end_to_end_writes_the_work_dir_contract(tmp_path):
-    W = str(tmp_path / "w")
-    result = run_cli("tftransfer.train", f"--config={_config(tmp_path)}", f"--workdir={W}",
-                     "--config.train.epochs=3")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One real `python -m tftransfer.train` run (3 epochs from scratch, SavedModel export on),
+    shared by the tests of the work dir it leaves: contract, evaluate, best epoch + BN statistics."""
+    root = tmp_path_factory.mktemp("trained")
+    W = str(root / "w")
+    result = run_cli("tftransfer.train", f"--config={_config(root)}", f"--workdir={W}",
+                     "--config.backbone.load_weights=false", "--config.train.epochs=3",
+                     "--config.train.learning_rate=0.01")
     assert result.returncode == 0, result.stderr[-3000:]
+    return W, result, _config(root)
+
+
+def test_train_end_to_end_writes_the_work_dir_contract(trained):
+    W, _, config = trained
     for name in ("config.yaml", "metrics.json", "model.keras", "checkpoints/best.weights.h5",
                  "export/1/saved_model.pb", "export/1/assets/labels.txt"):
         assert os.path.exists(os.path.join(W, name)), name
@@ -36,83 +47,8 @@ def test_train_end_to_end_writes_the_work_dir_contract(tmp_path):
     assert "signature_def['serving_default']" in shown.stdout
     assert "image_bytes" in shown.stdout and "serve_preprocessed" in shown.stdout
     # A finished work dir is not silently clobbered.
-    again = run_cli("tftransfer.train", f"--config={_config(tmp_path)}", f"--workdir={W}")
+    again = run_cli("tftransfer.train", f"--config={config}", f"--workdir={W}")
     assert again.returncode == 2 and "finished run" in again.stderr
-
-
-# Augmented, 3 x 60 images, batch 10: 18 steps per epoch, a backup every 3.
-FAULT_CONFIG = TINY_DIGITS.replace("train_per_class: 20", "train_per_class: 60").replace(
-    "batch_size: 20", "batch_size: 10\n  augment: {flip: horizontal, translate: 0.1}").replace(
-    "train: {epochs: 2, optimizer: adam, verbose: 0}",
-    "train: {epochs: 4, optimizer: adam, verbose: 0, backup_every_steps: 3}")
-
-
-def test_repeated_sigkills_end_in_the_uninterrupted_runs_result(tmp_path):
-    """SIGKILL one run at 5 random moments, re-running the same command each
-    time: once during start-up, three times mid-training (after randomly
-    drawn backed-up steps, plus a random delay), once while finishing
-    (saving or exporting). It ends finished, every epoch recorded once,
-    one export version, with the metrics of an uninterrupted run.
-    Augmentation is on: seeded per batch, so resumed passes replay the
-    same images. Tolerance 1e-5: the same batches in the same order on CPU.
-    Moments are observable states (a backup's step, `model.keras`), not
-    fixed sleeps, so the test holds on fast and slow machines."""
-    import random
-    import signal
-    import time
-
-    from conftest import REPO
-
-    config = _config(tmp_path, FAULT_CONFIG)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-
-    def command(W):
-        return [sys.executable, "-m", "tftransfer.train", f"--config={config}", f"--workdir={W}"]
-
-    W, ref = str(tmp_path / "faults"), str(tmp_path / "reference")
-    state, model = os.path.join(W, "backup", "state.json"), os.path.join(W, "model.keras")
-
-    def backed_up_step():
-        try:
-            return json.load(open(state))["step"]
-        except (OSError, ValueError, KeyError):  # none yet, or being replaced
-            return 0
-
-    seed = random.randrange(10**6)
-    draw = random.Random(seed)
-    steps = sorted(draw.sample(range(3, 72, 3), 3))  # 4 epochs x 18 steps, a backup every 3
-    moments = [("start-up", lambda: True, draw.uniform(0.5, 3.0))]
-    moments += [(f"step {k}", lambda k=k: backed_up_step() >= k, draw.uniform(0.0, 0.5)) for k in steps]
-    moments.append(("finishing", lambda: os.path.exists(model), draw.uniform(0.0, 1.0)))
-
-    reference = subprocess.Popen(command(ref), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
-    killed = []
-    for name, reached, delay in moments:
-        proc = subprocess.Popen(command(W), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        deadline = time.time() + 300
-        while proc.poll() is None and not reached() and time.time() < deadline:
-            time.sleep(0.02)
-        time.sleep(delay)
-        if proc.poll() is not None:  # It finished (or failed) first: checked below.
-            break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        killed.append((name, backed_up_step()))
-        assert not os.path.exists(os.path.join(W, "metrics.json")), f"seed {seed}: {killed}"
-    final = subprocess.run(command(W), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert reference.wait(timeout=600) == 0
-    assert final.returncode == 0, f"seed {seed}, kills {killed}: " + final.stderr[-3000:]
-    assert len(killed) >= 4, f"seed {seed}: only {killed} before the run finished"
-    got = json.load(open(os.path.join(W, "metrics.json")))
-    want = json.load(open(os.path.join(ref, "metrics.json")))
-    assert [e["epoch"] for e in got["history"]] == [1, 2, 3, 4], f"seed {seed}: {killed}"
-    for key in ("accuracy", "loss"):
-        assert got["validation"][key] == pytest.approx(want["validation"][key], abs=1e-5), \
-            f"seed {seed}: {killed}"
-    assert sorted(os.listdir(os.path.join(W, "export"))) == ["1"], f"seed {seed}: {killed}"
-    assert not os.path.exists(os.path.join(W, "backup"))
 
 
 def test_helpfull_lists_flags():
@@ -155,10 +91,8 @@ def test_empty_validation_split_is_refused(tmp_path, monkeypatch):
         experiment.load_data(cfg)
 
 
-def test_evaluate_entrypoint_reproduces_training_metrics(tmp_path):
-    W = str(tmp_path / "w")
-    assert run_cli("tftransfer.train", f"--config={_config(tmp_path)}", f"--workdir={W}",
-                   "--config.export.saved_model=false").returncode == 0
+def test_evaluate_entrypoint_reproduces_training_metrics(trained, tmp_path):
+    W = trained[0]
     result = run_cli("tftransfer.evaluate", f"--workdir={W}")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.load(open(os.path.join(W, "report", "metrics_validation.json")))
@@ -168,7 +102,7 @@ def test_evaluate_entrypoint_reproduces_training_metrics(tmp_path):
     assert missing.returncode == 2 and "no model.keras" in missing.stderr
 
 
-def test_short_scratch_run_ships_best_epoch_with_matching_batchnorm_statistics(tmp_path):
+def test_short_scratch_run_ships_best_epoch_with_matching_batchnorm_statistics(trained):
     """train.keep=best + precise BN: the numbers in metrics.json describe model.keras and the export."""
     import keras
     import tensorflow as tf
@@ -178,11 +112,7 @@ def test_short_scratch_run_ships_best_epoch_with_matching_batchnorm_statistics(t
     from tftransfer.data import make_pipeline
     from tftransfer.export import load_serving_assets
 
-    W = str(tmp_path / "w")
-    result = run_cli("tftransfer.train", f"--config={_config(tmp_path)}", f"--workdir={W}",
-                     "--config.backbone.load_weights=false", "--config.train.epochs=3",
-                     "--config.train.learning_rate=0.01")
-    assert result.returncode == 0, result.stderr[-3000:]
+    W, result, _ = trained
     assert "recomputed BatchNorm statistics" in result.stderr
     metrics = json.load(open(os.path.join(W, "metrics.json")))
     record = json.load(open(os.path.join(W, "history.json")))
