@@ -27,8 +27,8 @@ FAULT_CONFIG = TINY_DIGITS.replace("train_per_class: 20", "train_per_class: 60")
 
 
 def test_repeated_sigkills_end_in_the_uninterrupted_runs_result(tmp_path):
-    """SIGKILL one run at 5 random moments, re-running the same command each
-    time: once during start-up, three times mid-training (after randomly
+    """SIGKILL one run at 4 random moments, re-running the same command each
+    time: once during start-up, twice mid-training (after randomly
     drawn backed-up steps, plus a random delay), once while finishing
     (saving or exporting). It ends finished, every epoch recorded once,
     one export version, with the metrics of an uninterrupted run.
@@ -59,7 +59,7 @@ def test_repeated_sigkills_end_in_the_uninterrupted_runs_result(tmp_path):
 
     seed = random.randrange(10**6)
     draw = random.Random(seed)
-    steps = sorted(draw.sample(range(3, 72, 3), 3))  # 4 epochs x 18 steps, a backup every 3
+    steps = sorted(draw.sample(range(3, 72, 3), 2))  # 4 epochs x 18 steps, a backup every 3
     moments = [("start-up", lambda: True, draw.uniform(0.5, 3.0))]
     moments += [(f"step {k}", lambda k=k: backed_up_step() >= k, draw.uniform(0.0, 0.5)) for k in steps]
     moments.append(("finishing", lambda: os.path.exists(model), draw.uniform(0.0, 1.0)))
@@ -83,7 +83,7 @@ def test_repeated_sigkills_end_in_the_uninterrupted_runs_result(tmp_path):
     final = subprocess.run(command(W), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert reference.wait(timeout=600) == 0
     assert final.returncode == 0, f"seed {seed}, kills {killed}: " + final.stderr[-3000:]
-    assert len(killed) >= 4, f"seed {seed}: only {killed} before the run finished"
+    assert len(killed) >= 3, f"seed {seed}: only {killed} before the run finished"
     got = json.load(open(os.path.join(W, "metrics.json")))
     want = json.load(open(os.path.join(ref, "metrics.json")))
     assert [e["epoch"] for e in got["history"]] == [1, 2, 3, 4], f"seed {seed}: {killed}"
