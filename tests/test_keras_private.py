@@ -165,3 +165,49 @@ def test_weights_writer_leaves_computed_values_to_keras(tmp_path):
     assert writer._plan is None
     model.save_weights(str(tmp_path / "keras.weights.h5"))
     _assert_same_file(tmp_path / "fast.weights.h5", tmp_path / "keras.weights.h5")
+
+
+def _events(log_dir):
+    """{(split, tag): [(step, value)]} of the scalar events under `log_dir`."""
+    import glob
+    import os
+
+    from tensorflow.core.util import event_pb2
+
+    out = {}
+    for split in ("train", "validation"):
+        for path in glob.glob(os.path.join(log_dir, split, "events.out.tfevents.*")):
+            for record in tf.data.TFRecordDataset(path):
+                event = event_pb2.Event.FromString(record.numpy())
+                for v in event.summary.value:
+                    if v.tag.startswith("epoch_"):
+                        value = tf.make_ndarray(v.tensor) if v.HasField("tensor") else v.simple_value
+                        out.setdefault((split, v.tag), []).append((event.step, float(value)))
+    return {key: sorted(values) for key, values in out.items()}  # one event file per fit
+
+
+def test_tensorboard_writes_keras_epoch_scalars_in_one_call_per_writer(tmp_path):
+    class Extra(keras.callbacks.Callback):  # values that are not Keras metrics, as tftransfer adds
+        def on_epoch_end(self, epoch, logs=None):
+            logs.update(lr_head=0.5 ** epoch, val_macro_f1=np.float64(1 / (epoch + 3)))
+
+    def fit(callback):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((4,))
+        model = keras.Model(inputs, keras.layers.Dense(3)(inputs))
+        model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy", metrics=["accuracy"])
+        x, y = np.random.default_rng(0).random((16, 4)), np.arange(16) % 3
+        for initial in (0, 2):  # two fits (a resumed run): new writers each time
+            model.fit(x, y, validation_data=(x, y), initial_epoch=initial, epochs=initial + 2, verbose=0,
+                      callbacks=[Extra(), callback])
+        return callback
+
+    ours = fit(keras_private.TensorBoard(str(tmp_path / "ours")))
+    fit(keras.callbacks.TensorBoard(str(tmp_path / "keras")))
+    got, want = _events(str(tmp_path / "ours")), _events(str(tmp_path / "keras"))
+    assert sorted(got) == sorted(want) and ("validation", "epoch_macro_f1") in got
+    for key in want:
+        assert [s for s, _ in got[key]] == [s for s, _ in want[key]] == [0, 1, 2, 3], key
+        np.testing.assert_allclose([v for _, v in got[key]], [v for _, v in want[key]], rtol=1e-6, err_msg=str(key))
+    # One compiled writer per writer and set of names, not one eager op per scalar.
+    assert len(ours._epoch_writers) == 2

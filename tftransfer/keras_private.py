@@ -230,3 +230,57 @@ def _write_plan(plan, path):
                     group.create_dataset(key, data=value).attrs["dtype"] = "bfloat16"
                 else:
                     group[key] = value
+
+
+class TensorBoard(keras.callbacks.TensorBoard):
+    """`keras.callbacks.TensorBoard`, with each epoch's scalars written by one compiled call.
+
+    Keras writes every epoch-end scalar with its own eager
+    `tf.summary.scalar` (~0.45 ms of Python and op dispatch each): a run with
+    progressive unfreezing and the validation report logs ~16 per epoch,
+    ~7 ms, a fifth of an epoch when the head trains on cached features.
+    Here one `tf.function` per writer and set of names writes them all. The
+    events are Keras' (tags, steps, float32 values; tested against Keras'
+    own callback). Overrides `TensorBoard._log_epoch_metrics` (Keras 3.15:
+    `logs` split into train and `val_` scalars, plus the learning rate and
+    optionally steps per second) and reuses `_collect_learning_rate`,
+    `_compute_steps_per_second`, `_train_writer` and `_val_writer`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._epoch_writers = {}
+
+    def on_train_begin(self, logs=None):
+        self._epoch_writers = {}  # Keras makes new writers for each fit
+        super().on_train_begin(logs)
+
+    def _log_epoch_metrics(self, epoch, logs):
+        if not logs:
+            return
+        train_logs = {k: v for k, v in logs.items() if not k.startswith("val_")}
+        val_logs = {k[len("val_"):]: v for k, v in logs.items() if k.startswith("val_")}
+        train_logs = self._collect_learning_rate(train_logs)
+        if self.write_steps_per_second:
+            train_logs["steps_per_second"] = self._compute_steps_per_second()
+        if train_logs:
+            self._write_epoch_scalars(self._train_writer, train_logs, epoch)
+        if val_logs:
+            self._write_epoch_scalars(self._val_writer, val_logs, epoch)
+
+    def _write_epoch_scalars(self, writer, values, epoch):
+        import tensorflow as tf
+
+        names = tuple(values)
+        key = (id(writer), names)
+        held = self._epoch_writers.get(key)
+        if held is None or held[0] is not writer:
+
+            @tf.function
+            def write(values, step):
+                with writer.as_default():
+                    for name in names:
+                        tf.summary.scalar(f"epoch_{name}", values[name], step=step)
+
+            held = self._epoch_writers[key] = (writer, write)
+        held[1]({n: tf.constant(float(values[n]), tf.float32) for n in names}, tf.constant(epoch, tf.int64))

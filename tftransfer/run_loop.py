@@ -182,7 +182,7 @@ class Run:
         backup = StepBackup(os.path.join(self.workdir, workdir.BACKUP), self.path(workdir.BACKUP),
                             steps_per_epoch, self.backup_every_steps, record=record)
         own = [StopOnDivergence()] + list(callbacks) + ([record] if record else [])
-        return own + [backup, keras.callbacks.TensorBoard(self.path(workdir.LOGS))], backup
+        return own + [backup, keras_private.TensorBoard(self.path(workdir.LOGS))], backup
 
     def save_model(self, model):
         """`model.keras` (every worker saves; the chief's is the work dir's).
