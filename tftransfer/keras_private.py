@@ -205,10 +205,13 @@ def _are_values_of(items, variables):
     """Whether `items` are `("0", variables[0].numpy()), ("1", ...)`, in order."""
     import numpy as np
 
+    def same(i, key, value, variable):
+        current = variable.numpy()
+        return (key == str(i) and isinstance(value, np.ndarray | np.generic)
+                and np.asarray(value).dtype == current.dtype and np.array_equal(value, current))
+
     return len(items) == len(variables) and all(
-        key == str(i) and isinstance(value, np.ndarray | np.generic) and np.array_equal(value, v.numpy())
-        and np.asarray(value).dtype == v.numpy().dtype
-        for i, ((key, value), v) in enumerate(zip(items, variables)))
+        same(i, key, value, v) for i, ((key, value), v) in enumerate(zip(items, variables)))
 
 
 def _write_plan(plan, path):
@@ -272,9 +275,8 @@ class TensorBoard(keras.callbacks.TensorBoard):
         import tensorflow as tf
 
         names = tuple(values)
-        key = (id(writer), names)
-        held = self._epoch_writers.get(key)
-        if held is None or held[0] is not writer:
+        write = self._epoch_writers.get((writer, names))
+        if write is None:
 
             @tf.function
             def write(values, step):
@@ -282,5 +284,5 @@ class TensorBoard(keras.callbacks.TensorBoard):
                     for name in names:
                         tf.summary.scalar(f"epoch_{name}", values[name], step=step)
 
-            held = self._epoch_writers[key] = (writer, write)
-        held[1]({n: tf.constant(float(values[n]), tf.float32) for n in names}, tf.constant(epoch, tf.int64))
+            self._epoch_writers[(writer, names)] = write
+        write({n: tf.constant(float(values[n]), tf.float32) for n in names}, tf.constant(epoch, tf.int64))

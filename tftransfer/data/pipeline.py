@@ -133,10 +133,6 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
             targets[h.name] = tf.one_hot(label, h.num_classes) if h.one_hot_labels else label
         return x, targets, weights
 
-    mode = cache_lib.setting(cache)
-    if mode == "auto":
-        mode = cache_lib.plan(mode, cache_lib.estimate_bytes(split, preprocessor, modality),
-                              directory=cache_dir).mode
     if modality == FEATURES and not training:
         # Cached backbone features (`tftransfer.feature_cache`): the rows are
         # in memory already, so keep the finished batches instead of the
@@ -146,6 +142,10 @@ def make_pipeline(split, preprocessor, modality, heads, global_batch_size,
         # `cache.cached`.)
         batches = cache_lib.filled(shuffle_and_batch(ds).map(to_targets, num_parallel_calls=AUTOTUNE).cache())
         return batches.prefetch(AUTOTUNE)
+    mode = cache_lib.setting(cache)
+    if mode == "auto":
+        mode = cache_lib.plan(mode, cache_lib.estimate_bytes(split, preprocessor, modality),
+                              directory=cache_dir).mode
     if modality == "image" or mode != "false":
         # Preprocess each example once, then cache (text: tokenising costs as
         # much as a small BERT's forward pass on CPU): later epochs only
