@@ -267,6 +267,10 @@ def _export_cases(t, trained):
                   ["exists; pass --overwrite or another --version"]))
     cases.append(("export_unknown_format", [f"--workdir={trained}", "--format=onnx"], ["--format"]))
     cases.append(("export_extra_argument", [f"--workdir={trained}", "stray"], ["unexpected arguments"]))
+    cases.append(("export_integer_only_float16", [f"--workdir={trained}", "--format=tflite", "--quantize=float16",
+                                                  "--integer_only"], ["--integer_only applies to", "--quantize=int8"]))
+    cases.append(("export_integer_only_saved_model", [f"--workdir={trained}", "--integer_only"],
+                  ["--integer_only applies to", "--format=tflite", "received --format=saved_model"]))
     # Ensembles: members must be finished runs sharing preprocessing and heads.
     bigger = t / "w_bigger_images"
     shutil.copytree(trained, bigger)

@@ -144,6 +144,42 @@ def test_int8_text_on_token_ids(tmp_path):
     assert np.abs(out["probabilities"] - expected).max() <= tflite_lib.TOLERANCE["int8"]
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_int8_text_integer_only_every_op_is_int8(tmp_path, pooling):
+    keras.utils.set_random_seed(1)
+    loaded = tftransfer.load_backbone(spec=tiny_bert_spec(), sequence_length=16)
+    heads = [HeadSpec(num_classes=2, pooling=pooling)]
+    model = tftransfer.build_model(loaded, heads)
+    ids = {k: np.asarray(v).astype("int32") for k, v in loaded.preprocessor(tf.constant(SENTENCES)).items()}
+    assert (ids["padding_mask"] == 0).any()  # padding: the attention mask is in play
+    representative = [{k: v[i:i + 1] for k, v in ids.items()} for i in range(len(SENTENCES))]
+    info = tflite_lib.export_tflite(model, loaded.preprocessor, "text", heads, str(tmp_path), quantize="int8",
+                                    representative_data=representative, integer_only=True)
+    with open(os.path.join(info["path"], "tftransfer.json")) as f:
+        recorded = json.load(f)["tflite"]
+    assert recorded["integer_only"] is True and recorded["float_ops"] == [] and recorded["dynamic_int8_ops"] == {}
+    with open(info["tflite_file"], "rb") as f:
+        it = interpreter(f.read())
+    dtypes = assert_compute_is_int8(it, ("FULLY_CONNECTED", "BATCH_MATMUL", "GATHER"))
+    # Float32 only at the interface: the outputs (the inputs are int32 token ids).
+    floats = {i for i, d in dtypes.items() if d == np.float32}
+    assert floats <= {d["index"] for d in it.get_output_details()}, floats
+    ops = it._get_ops_details()
+    assert {o["op_name"] for o in ops if any(dtypes[i] == np.float32 for i in o["outputs"])} <= {"DEQUANTIZE"}
+    # Layer norms, residual adds, the masked softmax, GELU and the mean pooling compute in int8.
+    int8_ops = {o["op_name"] for o in ops if any(dtypes[i] == np.int8 for i in o["outputs"])}
+    assert {"MEAN", "RSQRT", "ADD", "SELECT_V2", "SOFTMAX", "GELU"} <= int8_ops, int8_ops
+    assert ("SUM" in int8_ops) == (pooling == "mean") and ("TANH" in int8_ops) == (pooling == "cls")
+    # Each head has its own logits and context products (own int8 ranges): 2 x heads x layers.
+    assert sum(o["op_name"] == "BATCH_MATMUL" for o in ops) == 2 * 2 * 2
+    # No int8 tensor carries a -1e9 mask value (scale ~4e6 on MiniLM).
+    scales = [d["quantization"][0] for d in it.get_tensor_details() if d["dtype"] == np.int8]
+    assert scales and max(scales) < 1.0, max(scales)
+    out = it.get_signature_runner()(**ids)
+    expected = tf.nn.softmax(model(ids, training=False)["label"]).numpy()
+    assert np.abs(out["probabilities"] - expected).max() <= tflite_lib.TOLERANCE["int8"]
+
+
 def test_dynamic_int8_fully_connected_quantises_weights_per_channel_and_keeps_float_io():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((24,))
@@ -183,6 +219,9 @@ def test_accuracy_budget(tmp_path):
     assert record["drop"] == pytest.approx(0.02)
     with pytest.raises(tftransfer.UserError, match=r"costs 2.00 points .*0.9000 -> 0.8800"):
         quantize_lib.compare(f, q, heads, "int8", max_accuracy_drop=0.01)
+    with pytest.raises(tftransfer.UserError, match=r"--quantize=int8 --integer_only costs 2.00 points .*"
+                                                   r"Use int8 without --integer_only"):
+        quantize_lib.compare(f, q, heads, "int8", max_accuracy_drop=0.01, integer_only=True)
     with pytest.raises(tftransfer.UserError, match="--max_accuracy_drop must be >= 0"):
         quantize_lib.check_max_accuracy_drop(-0.1)
 
@@ -207,9 +246,9 @@ def test_cli_int8_prints_and_records_accuracy_then_refuses_over_budget(tiny_digi
 
     real_compare = quantize_lib.compare
 
-    def lossy(float_accuracy, quantized_accuracy, heads, *args):
+    def lossy(float_accuracy, quantized_accuracy, heads, *args, **kwargs):
         worse = {k: (v - 0.1 if k != "examples" else v) for k, v in quantized_accuracy.items()}
-        return real_compare(float_accuracy, worse, heads, *args)
+        return real_compare(float_accuracy, worse, heads, *args, **kwargs)
 
     quantize_lib.compare = lossy
     try:

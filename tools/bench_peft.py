@@ -17,9 +17,9 @@ Steps (each skips work dirs that already hold metrics.json):
   artefact size vs model.keras, train step time and peak RSS (each its own
   process, so the peak is that run's).
 - `int8`: `python -m tftransfer.export --format=tflite --quantize=none|int8`
-  of the quickstart run and of the full fine-tuned MiniLM: size ratio,
-  accuracy drop (recorded by the export), latency ratio (interpreter, batch
-  1, this CPU).
+  of the quickstart run and of the full fine-tuned MiniLM (MiniLM also
+  `--quantize=int8 --integer_only`): size ratio, accuracy drop (recorded by
+  the export), latency ratio (interpreter, batch 1, this CPU).
 - `distill`: a 2-layer, 128-wide student (19% of MiniLM's parameters)
   distilled from the seed-0 full fine-tuned MiniLM, logits only vs
   `distill.features: layerwise`, same data and epochs.
@@ -206,19 +206,29 @@ def latency_ms(tflite_file, inputs, repeats=50):
     return 1000 * (time.perf_counter() - start) / repeats
 
 
-def export_pair(W, inputs_fn):
+def export_pair(W, inputs_fn, integer_only=False):
+    """float32 and int8 TFLite of W (and, `integer_only`, int8 with --integer_only): size, accuracy, latency."""
     record = {}
-    for quantize in ("none", "int8"):
-        base = os.path.join(W, f"tflite_{quantize}")
+    variants = [("none", ["--quantize=none"]), ("int8", ["--quantize=int8"])]
+    if integer_only:
+        variants.append(("int8_integer_only", ["--quantize=int8", "--integer_only"]))
+    for name, flags in variants:
+        base = os.path.join(W, f"tflite_{name}")
         if not os.path.isdir(os.path.join(base, "1")):
-            run("tftransfer.export", f"--workdir={W}", "--format=tflite", f"--quantize={quantize}",
+            run("tftransfer.export", f"--workdir={W}", "--format=tflite", *flags,
                 f"--export_base={base}", "--max_accuracy_drop=inf")
         meta = json.load(open(os.path.join(base, "1", "tftransfer.json")))
         path = os.path.join(base, "1", "model.tflite")
-        record[quantize] = {"bytes": os.path.getsize(path), "accuracy": meta.get("accuracy"),
-                            "latency_ms": latency_ms(path, inputs_fn(meta))}
-    record["size_ratio"] = record["int8"]["bytes"] / record["none"]["bytes"]
-    record["latency_ratio"] = record["int8"]["latency_ms"] / record["none"]["latency_ms"]
+        record[name] = {"bytes": os.path.getsize(path), "accuracy": meta.get("accuracy"),
+                        "latency_ms": latency_ms(path, inputs_fn(meta)),
+                        "integer_only": meta["tflite"].get("integer_only")}
+        if name != "none":
+            acc = record[name]["accuracy"]
+            record[name].update(size_ratio=record[name]["bytes"] / record["none"]["bytes"],
+                                latency_ratio=record[name]["latency_ms"] / record["none"]["latency_ms"],
+                                drop_points=100 * acc["drop"], quantized_accuracy=acc["quantized"]["label"])
+    record["size_ratio"] = record["int8"]["size_ratio"]
+    record["latency_ratio"] = record["int8"]["latency_ratio"]
     acc = record["int8"]["accuracy"]
     record["float_accuracy"] = acc["float"]["label"]
     record["int8_accuracy"] = acc["quantized"]["label"]
@@ -250,7 +260,7 @@ def int8_step(out, seeds, results):
             ids = {k: np.zeros((1, SEQ), "int32") for k in ("token_ids", "segment_ids", "padding_mask")}
             ids["token_ids"][:, :20] = 2000
             ids["padding_mask"][:, :20] = 1
-            results["int8"][f"minilm_s{seed}"] = export_pair(Wt, lambda meta: ids)
+            results["int8"][f"minilm_s{seed}"] = export_pair(Wt, lambda meta: ids, integer_only=True)
             save(out, results)
             print("minilm", seed, results["int8"][f"minilm_s{seed}"], flush=True)
 

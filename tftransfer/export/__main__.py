@@ -6,6 +6,7 @@
     python -m tftransfer.export --workdir=W --format=tflite --quantize=float16
         -> W/tflite/<N>/model.tflite
     python -m tftransfer.export --workdir=W --format=tflite --quantize=int8 --representative_examples=300
+    python -m tftransfer.export --workdir=W --format=tflite --quantize=int8 --integer_only   # text: every op int8
     python -m tftransfer.export --workdir=E --ensemble=W1,W2,W3
         -> E/export/<N>/: one SavedModel serving the mean of the members' probabilities
 
@@ -59,6 +60,12 @@ flags.DEFINE_float(
 flags.DEFINE_integer(
     "representative_examples", 200, "int8: training examples that calibrate the activation ranges.",
 )
+flags.DEFINE_bool(
+    "integer_only", False,
+    "TFLite int8 of a text model: every op int8 (layer norms, residual adds, attention and pooling too), "
+    "what int8-only accelerators need; costs accuracy on BERT-family models (measured and held to "
+    "--max_accuracy_drop like every quantised export). Image int8 is always integer-only.",
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -74,7 +81,10 @@ def main(argv):
 
     if FLAGS.ensemble is not None:
         return _export_ensemble()
+    from tftransfer.export.tflite import check_integer_only
+
     max_drop = quantize_lib.check_max_accuracy_drop(FLAGS.max_accuracy_drop)
+    check_integer_only(FLAGS.quantize, FLAGS.integer_only, FLAGS.format)  # before the data load
     representative = validation = None
     if FLAGS.quantize != "none":
         representative, validation = experiment.quantisation_data(
@@ -83,6 +93,7 @@ def main(argv):
         FLAGS.workdir, export_base=FLAGS.export_base, version=FLAGS.version,
         overwrite=FLAGS.overwrite, format=FLAGS.format, quantize=FLAGS.quantize,
         representative_data=representative, validation_data=validation, max_accuracy_drop=max_drop,
+        integer_only=FLAGS.integer_only,
     )
     if FLAGS.quantize != "none":
         print(quantize_lib.describe(result.get("accuracy")))
@@ -92,6 +103,8 @@ def main(argv):
             f"quantize={result['quantize']}, {result['size_ratio']:.2f}x the float32 weights "
             f"of {result['float32_weights_bytes'] / 1e6:.2f} MB)"
         )
+        if result.get("integer_only"):
+            print("full-integer: every op computes in int8 (tftransfer.json: tflite.integer_only)")
         if result.get("float_ops"):
             print(f"not full-integer: {', '.join(result['float_ops'])} compute in float32 (tftransfer.json: "
                   f"tflite.float_ops)")

@@ -170,7 +170,7 @@ def _check_model_file(workdir):
 
 def export_workdir(workdir, export_base=None, version=None, overwrite=False,
                    format="saved_model", quantize="none", representative_data=None,
-                   validation_data=None, max_accuracy_drop=None):
+                   validation_data=None, max_accuracy_drop=None, integer_only=False):
     """Export a trained work dir: what `python -m tftransfer.export` runs.
 
     Args:
@@ -194,6 +194,8 @@ def export_workdir(workdir, export_base=None, version=None, overwrite=False,
             Defaults to None (not measured).
         max_accuracy_drop: float. Defaults to None:
             `quantize.DEFAULT_MAX_ACCURACY_DROP`.
+        integer_only: bool. int8 TFLite of a text model: every op int8
+            (`tflite.convert`). Defaults to False.
 
     Returns:
         dict. `path` (the version directory), `accuracy` (quantised exports)
@@ -217,6 +219,7 @@ def export_workdir(workdir, export_base=None, version=None, overwrite=False,
             f"--quantize={quantize} applies to --format=tflite only (SavedModels: none or int8); "
             f"drop it or pass --format=tflite."
         )
+    tflite.check_integer_only(quantize, integer_only, format)
     if not os.path.isdir(workdir):
         raise UserError(f"--workdir {workdir!r} is not a directory; pass a trained work dir.")
     from tftransfer.export import ensemble
@@ -235,7 +238,7 @@ def export_workdir(workdir, export_base=None, version=None, overwrite=False,
     created = [base for base in bases if not os.path.exists(base)]
     try:
         return _export(workdir, assets, bases, export_base, version, overwrite, format, quantize,
-                       representative_data, validation_data, max_accuracy_drop)
+                       representative_data, validation_data, max_accuracy_drop, integer_only)
     except BaseException:
         for base in created:  # a refused export leaves nothing behind, not even its base
             if os.path.isdir(base) and not os.listdir(base):
@@ -244,7 +247,7 @@ def export_workdir(workdir, export_base=None, version=None, overwrite=False,
 
 
 def _export(workdir, assets, bases, export_base, version, overwrite, format, quantize,
-            representative_data, validation_data, max_accuracy_drop):
+            representative_data, validation_data, max_accuracy_drop, integer_only=False):
     from tftransfer.export import quantize as quantize_lib
     from tftransfer.export import saved_model, tflite
 
@@ -284,7 +287,7 @@ def _export(workdir, assets, bases, export_base, version, overwrite, format, qua
         model, assets.preprocessor, assets.modality, assets.heads, export_base,
         version=version, overwrite=overwrite, quantize=quantize, metadata=metadata,
         representative_data=representative_data, validation_data=validation_data,
-        max_accuracy_drop=max_accuracy_drop,
+        max_accuracy_drop=max_accuracy_drop, integer_only=integer_only,
     )
 
 

@@ -82,7 +82,8 @@ def keras_predict(model, heads):
     return predict
 
 
-def compare(float_accuracy, quantized_accuracy, heads, quantize, max_accuracy_drop=DEFAULT_MAX_ACCURACY_DROP):
+def compare(float_accuracy, quantized_accuracy, heads, quantize, max_accuracy_drop=DEFAULT_MAX_ACCURACY_DROP,
+            integer_only=False):
     """The metadata record; raises UserError when the drop is over budget.
 
     Args:
@@ -90,6 +91,8 @@ def compare(float_accuracy, quantized_accuracy, heads, quantize, max_accuracy_dr
         heads: list of `HeadSpec`.
         quantize: str. The mode, for the message.
         max_accuracy_drop: float. Largest accepted drop (fraction).
+        integer_only: bool. The export was `--integer_only` (named in the
+            message, with dropping it as the first remedy). Defaults to False.
 
     Returns:
         dict. `float`, `quantized` (per head), `drop` (largest), `examples`,
@@ -108,11 +111,14 @@ def compare(float_accuracy, quantized_accuracy, heads, quantize, max_accuracy_dr
     }
     if drops and drop > max_accuracy_drop:
         worst = max(drops, key=drops.get)
+        mode, milder = f"--quantize={quantize}", "a milder --quantize"
+        if integer_only:
+            mode, milder = f"--quantize={quantize} --integer_only", "int8 without --integer_only"
         raise UserError(
-            f"--quantize={quantize} costs {100 * drop:.2f} points of validation accuracy on head {worst!r} "
+            f"{mode} costs {100 * drop:.2f} points of validation accuracy on head {worst!r} "
             f"({float_accuracy[worst]:.4f} -> {quantized_accuracy[worst]:.4f}, "
             f"{float_accuracy['examples']} examples), over --max_accuracy_drop={max_accuracy_drop}; "
-            f"nothing was exported. Use a milder --quantize, more --representative_examples, "
+            f"nothing was exported. Use {milder}, more --representative_examples, "
             f"or raise --max_accuracy_drop."
         )
     return record

@@ -34,8 +34,12 @@ Quantisation (`quantize`):
   additions, GELU, the attention-mask select, softmax, attention matrix
   products and transposes, and the heads' mean pooling run in float32
   between a dequantise and a quantise (`FLOAT_OPS_TEXT_INT8`): mixed, not
-  full-integer. `tftransfer.json` names them (`tflite.float_ops`,
-  `tflite.dynamic_int8_ops`, `tflite.integer_only`).
+  full-integer, and the default because it keeps the float model's
+  accuracy. `integer_only=True` (`--integer_only`): every op int8, for
+  int8-only accelerators, at a measured cost in accuracy (BERT's outlier
+  activations in one per-tensor range; `tftransfer.export.integer_text`
+  and BENCHMARKS.md). `tftransfer.json` names what is not int8
+  (`tflite.float_ops`, `tflite.dynamic_int8_ops`, `tflite.integer_only`).
 The tolerances the tests hold are in `TOLERANCE`.
 
 Every quantised export measures what it costs in validation accuracy when
@@ -55,6 +59,7 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer.errors import UserError
+from tftransfer.export import integer_text as integer_text_lib
 from tftransfer.export import quantize as quantize_lib
 from tftransfer.export import saved_model
 
@@ -98,7 +103,7 @@ def saved_model_converter(model, preprocessor, modality, heads):
         yield tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["serving_default"])
 
 
-def convert(model, preprocessor, modality, heads, quantize="none", representative_data=None):
+def convert(model, preprocessor, modality, heads, quantize="none", representative_data=None, integer_only=False):
     """The model (preprocessed input, no string outputs) as TFLite flatbuffer bytes.
 
     Args:
@@ -111,6 +116,8 @@ def convert(model, preprocessor, modality, heads, quantize="none", representativ
         representative_data: int8 only: iterable of dicts `{input name:
             array}` (one batch each, preprocessed like the model's input),
             drawn from the training data. Defaults to None.
+        integer_only: bool. int8 text models: every op int8 (see the module
+            docstring). Image int8 is always integer-only. Defaults to False.
 
     Returns:
         bytes.
@@ -121,7 +128,10 @@ def convert(model, preprocessor, modality, heads, quantize="none", representativ
         representative_data = list(representative_data or [])
         if not representative_data:
             raise UserError("--quantize=int8 needs representative examples (the training data) to calibrate; none given.")
-    with saved_model_converter(model, preprocessor, modality, heads) as converter:
+    check_integer_only(quantize, integer_only)
+    integer_text = integer_only and modality == "text"
+    rewrites = integer_text_lib.integer_friendly_text_ops() if integer_text else contextlib.nullcontext()
+    with rewrites, saved_model_converter(model, preprocessor, modality, heads) as converter:
         if quantize != "none":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if quantize == "float16":
@@ -135,15 +145,21 @@ def convert(model, preprocessor, modality, heads, quantize="none", representativ
             # float ops (the converter itself keeps NEG in float; see above).
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         try:
-            if quantize == "int8" and modality == "text":
+            if quantize == "int8" and modality == "text" and not integer_text:
                 return _int8_text(converter, model, heads)
             return converter.convert()
         except Exception as e:  # the converter raises ConverterError and others.
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(
-                f"TFLite conversion of this {modality} model failed ({first[:200]}); "
-                f"export a SavedModel instead (--format=saved_model)."
-            )
+            remedy = ("drop --integer_only (mixed int8) or export a SavedModel (--format=saved_model)"
+                      if integer_text else "export a SavedModel instead (--format=saved_model)")
+            raise UserError(f"TFLite conversion of this {modality} model failed ({first[:200]}); {remedy}.")
+
+
+def check_integer_only(quantize, integer_only, format="tflite"):
+    """UserError when `integer_only` is asked of an export without int8 activations."""
+    if integer_only and (format != "tflite" or quantize != "int8"):
+        raise UserError(f"--integer_only applies to --format=tflite --quantize=int8 only (received "
+                        f"--format={format} --quantize={quantize}); drop --integer_only or pass those.")
 
 
 def interpreter_predict(flatbuffer):
@@ -335,7 +351,8 @@ def dynamic_int8_ops(flatbuffer):
 
 def export_tflite(model, preprocessor, modality, heads, export_base, version=None,
                   overwrite=False, quantize="none", metadata=None, representative_data=None,
-                  validation_data=None, max_accuracy_drop=quantize_lib.DEFAULT_MAX_ACCURACY_DROP):
+                  validation_data=None, max_accuracy_drop=quantize_lib.DEFAULT_MAX_ACCURACY_DROP,
+                  integer_only=False):
     """Write `<export_base>/<version>/model.tflite` (+ labels, metadata) atomically.
 
     Args:
@@ -359,6 +376,8 @@ def export_tflite(model, preprocessor, modality, heads, export_base, version=Non
             Defaults to None (not measured).
         max_accuracy_drop: float. Fraction (0.01 = 1 point). Defaults to
             `quantize.DEFAULT_MAX_ACCURACY_DROP`.
+        integer_only: bool. int8 text: every op int8 (see `convert`).
+            Defaults to False.
 
     Returns:
         dict. `path` (version dir), `tflite_file`, `size_bytes`,
@@ -379,17 +398,19 @@ def export_tflite(model, preprocessor, modality, heads, export_base, version=Non
     if quantize not in QUANTIZE_MODES:
         raise UserError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}. Received: {quantize!r}.")
     max_accuracy_drop = quantize_lib.check_max_accuracy_drop(max_accuracy_drop)
+    check_integer_only(quantize, integer_only)
     if version is not None and not overwrite and os.path.exists(os.path.join(export_base, str(version))):
         raise UserError(f"export version {os.path.join(export_base, str(version))!r} exists; "
                         f"pass --overwrite or another --version.")
     # Convert and score before any directory is made: a refused export leaves nothing.
-    flatbuffer = convert(model, preprocessor, modality, heads, quantize, representative_data)
+    flatbuffer = convert(model, preprocessor, modality, heads, quantize, representative_data, integer_only)
     record = None
     if quantize != "none" and validation_data is not None:
         validation_data = list(validation_data)
         float_accuracy = quantize_lib.accuracy(quantize_lib.keras_predict(model, heads), validation_data, heads)
         quantized_accuracy = quantize_lib.accuracy(interpreter_predict(flatbuffer), validation_data, heads)
-        record = quantize_lib.compare(float_accuracy, quantized_accuracy, heads, quantize, max_accuracy_drop)
+        record = quantize_lib.compare(float_accuracy, quantized_accuracy, heads, quantize, max_accuracy_drop,
+                                      integer_only=integer_only and modality == "text")
     weights_bytes = 4 * model.count_params()
     info = dict(size_bytes=len(flatbuffer), float32_weights_bytes=weights_bytes,
                 size_ratio=round(len(flatbuffer) / weights_bytes, 4), quantize=quantize)
