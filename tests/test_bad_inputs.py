@@ -288,6 +288,8 @@ def _export_cases(t, trained):
                   ["w_unfinished_member", "not a finished run"]))
     cases.append(("ensemble_tflite", [f"--workdir={out}", f"--ensemble={trained},{bigger}", "--format=tflite"],
                   ["--ensemble writes a float SavedModel"]))
+    cases.append(("ensemble_integer_only", [f"--workdir={out}", f"--ensemble={trained},{bigger}", "--integer_only"],
+                  ["--ensemble writes a float SavedModel", "--integer_only"]))
     cases.append(("ensemble_into_training_run", [f"--workdir={unfinished}", f"--ensemble={trained},{bigger}"],
                   ["holds a training run"]))
     return cases

@@ -120,9 +120,9 @@ def _export_ensemble():
     from tftransfer.errors import UserError
     from tftransfer.export.ensemble import export_ensemble
 
-    if FLAGS.format != "saved_model" or FLAGS.quantize != "none":
+    if FLAGS.format != "saved_model" or FLAGS.quantize != "none" or FLAGS.integer_only:
         raise UserError(f"--ensemble writes a float SavedModel; drop --format={FLAGS.format} / "
-                        f"--quantize={FLAGS.quantize}.")
+                        f"--quantize={FLAGS.quantize}{' / --integer_only' if FLAGS.integer_only else ''}.")
     result = export_ensemble(FLAGS.ensemble, FLAGS.workdir, export_base=FLAGS.export_base,
                              version=FLAGS.version, overwrite=FLAGS.overwrite)
     print(f"exported {result['path']} (ensemble of {len(result['members'])})")
