@@ -35,6 +35,38 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def float_reference(workdir, examples, tool):
+    """The work dir's one-head text model scored in float on its validation split (shared with
+    `tools/int8_integer_only_ablate.py`).
+
+    Returns a namespace: `model`, `heads`, `assets`, `representative` (calibration batches),
+    `labels`, `probabilities(predict)` (over the validation split) and `float_probabilities`.
+    """
+    import types
+
+    from tftransfer import experiment
+    from tftransfer.export import quantize as quantize_lib
+    from tftransfer.export.assets import load_serving_assets, load_workdir_model
+
+    assets = load_serving_assets(workdir)
+    if assets.modality != "text" or len(assets.heads) != 1:
+        raise SystemExit(f"tools/{tool}: text models with one head only")
+    model, heads = load_workdir_model(workdir), assets.heads
+    representative, validation = experiment.quantisation_data(workdir, "int8", float("inf"), examples)
+    validation = list(validation)
+    labels = np.concatenate([np.asarray(y[heads[0].name]) for _, y, *_ in validation])
+    labels = labels.argmax(-1) if labels.ndim > 1 else labels
+
+    def probabilities(predict):
+        return np.concatenate([np.asarray(predict(x)["probabilities"]) for x, *_ in validation])
+
+    float_p = probabilities(quantize_lib.keras_predict(model, heads))
+    print(f"float accuracy {float((float_p.argmax(-1) == labels).mean()):.4f} on {len(labels)} validation "
+          f"examples", flush=True)
+    return types.SimpleNamespace(model=model, heads=heads, assets=assets, representative=representative,
+                                 labels=labels, probabilities=probabilities, float_probabilities=float_p)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True)
@@ -64,28 +96,12 @@ def main():
     import tensorflow as tf
     from tensorflow.lite.python import convert
 
-    from tftransfer import experiment
-    from tftransfer.export import quantize as quantize_lib
     from tftransfer.export import tflite as tflite_lib
-    from tftransfer.export.assets import load_serving_assets, load_workdir_model
 
-    assets = load_serving_assets(args.workdir)
-    if assets.modality != "text":
-        raise SystemExit("tools/int8_ablate.py: text models only")
-    model, heads = load_workdir_model(args.workdir), assets.heads
-    if len(heads) != 1:
-        raise SystemExit("tools/int8_ablate.py: one head only")
-    representative, validation = experiment.quantisation_data(args.workdir, "int8", float("inf"), args.examples)
-    validation = list(validation)
-    labels = np.concatenate([np.asarray(y[heads[0].name]) for _, y, *_ in validation])
-    labels = labels.argmax(-1) if labels.ndim > 1 else labels
-
-    def probabilities(predict):
-        return np.concatenate([np.asarray(predict(x)["probabilities"]) for x, *_ in validation])
-
-    float_p = probabilities(quantize_lib.keras_predict(model, heads))
+    ref = float_reference(args.workdir, args.examples, "int8_ablate.py")
+    model, heads, assets, representative = ref.model, ref.heads, ref.assets, ref.representative
+    labels, probabilities, float_p = ref.labels, ref.probabilities, ref.float_probabilities
     float_acc = float((float_p.argmax(-1) == labels).mean())
-    print(f"float accuracy {float_acc:.4f} on {len(labels)} validation examples", flush=True)
 
     def dataset():
         for batch in representative:

@@ -32,6 +32,7 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # int8_ablate, its sibling
 
 VARIANTS = ("keras", "rewrites", "per_head", "per_head_mse")
 
@@ -129,27 +130,14 @@ def main():
     import tensorflow as tf
     from tensorflow.lite.python import convert
 
-    from tftransfer import experiment
     from tftransfer.export import integer_text
-    from tftransfer.export import quantize as quantize_lib
     from tftransfer.export import tflite as tflite_lib
-    from tftransfer.export.assets import load_serving_assets, load_workdir_model
+    from int8_ablate import float_reference
 
-    assets = load_serving_assets(args.workdir)
-    if assets.modality != "text" or len(assets.heads) != 1:
-        raise SystemExit("tools/int8_integer_only_ablate.py: text models with one head only")
-    model, heads = load_workdir_model(args.workdir), assets.heads
-    representative, validation = experiment.quantisation_data(args.workdir, "int8", float("inf"), args.examples)
-    batches = [{k: np.asarray(v).astype("int32") for k, v in b.items()} for b in representative]
-    validation = list(validation)
-    labels = np.concatenate([np.asarray(y[heads[0].name]) for _, y, *_ in validation])
-    labels = labels.argmax(-1) if labels.ndim > 1 else labels
-
-    def probabilities(predict):
-        return np.concatenate([np.asarray(predict(x)["probabilities"]) for x, *_ in validation])
-
-    float_p = probabilities(quantize_lib.keras_predict(model, heads))
-    print(f"float accuracy {float((float_p.argmax(-1) == labels).mean()):.4f} on {len(labels)} examples", flush=True)
+    ref = float_reference(args.workdir, args.examples, "int8_integer_only_ablate.py")
+    model, heads, assets, labels = ref.model, ref.heads, ref.assets, ref.labels
+    batches = [{k: np.asarray(v).astype("int32") for k, v in b.items()} for b in ref.representative]
+    probabilities, float_p = ref.probabilities, ref.float_probabilities
     for variant in variants:
         rewrites = (contextlib.nullcontext() if variant == "keras" else
                     integer_text.integer_friendly_text_ops(per_head_attention=variant != "rewrites"))
