@@ -88,14 +88,20 @@ def test_int8_image_weights_and_activations_are_int8_and_agree_with_float(tmp_pa
     assert accuracy["drop"] == pytest.approx(accuracy["float"]["label"] - accuracy["quantized"]["label"])
 
 
-def test_int8_text_on_token_ids(tmp_path):
+def _tiny_text(pooling="mean"):
+    """A tiny BERT classifier, token ids of SENTENCES (with padding) and one-sentence calibration batches."""
     keras.utils.set_random_seed(1)
     loaded = tftransfer.load_backbone(spec=tiny_bert_spec(), sequence_length=16)
-    heads = [HeadSpec(num_classes=2, pooling="mean")]
+    heads = [HeadSpec(num_classes=2, pooling=pooling)]
     model = tftransfer.build_model(loaded, heads)
     ids = {k: np.asarray(v).astype("int32") for k, v in loaded.preprocessor(tf.constant(SENTENCES)).items()}
     assert (ids["padding_mask"] == 0).any()  # padding: the attention mask's -1e9 is in play
     representative = [{k: v[i:i + 1] for k, v in ids.items()} for i in range(len(SENTENCES))]
+    return loaded, heads, model, ids, representative
+
+
+def test_int8_text_on_token_ids(tmp_path):
+    loaded, heads, model, ids, representative = _tiny_text()
     info = tflite_lib.export_tflite(model, loaded.preprocessor, "text", heads, str(tmp_path), quantize="int8",
                                     representative_data=representative)
     with open(info["tflite_file"], "rb") as f:
@@ -146,13 +152,7 @@ def test_int8_text_on_token_ids(tmp_path):
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_int8_text_integer_only_every_op_is_int8(tmp_path, pooling):
-    keras.utils.set_random_seed(1)
-    loaded = tftransfer.load_backbone(spec=tiny_bert_spec(), sequence_length=16)
-    heads = [HeadSpec(num_classes=2, pooling=pooling)]
-    model = tftransfer.build_model(loaded, heads)
-    ids = {k: np.asarray(v).astype("int32") for k, v in loaded.preprocessor(tf.constant(SENTENCES)).items()}
-    assert (ids["padding_mask"] == 0).any()  # padding: the attention mask is in play
-    representative = [{k: v[i:i + 1] for k, v in ids.items()} for i in range(len(SENTENCES))]
+    loaded, heads, model, ids, representative = _tiny_text(pooling)
     info = tflite_lib.export_tflite(model, loaded.preprocessor, "text", heads, str(tmp_path), quantize="int8",
                                     representative_data=representative, integer_only=True)
     with open(os.path.join(info["path"], "tftransfer.json")) as f:

@@ -152,11 +152,10 @@ def integer_friendly_text_ops(per_head_attention=True):
             Defaults to True.
     """
     patches = [
-        (keras.layers.Softmax, _softmax_call),
-        (keras.layers.LayerNormalization, _layer_norm_call),
-        (keras.layers.GlobalAveragePooling1D, _masked_mean_call),
+        (keras.layers.Softmax, _softmax_call, "call"),
+        (keras.layers.LayerNormalization, _layer_norm_call, "call"),
+        (keras.layers.GlobalAveragePooling1D, _masked_mean_call, "call"),
     ]
-    patches = [(cls, make, "call") for cls, make in patches]
     if per_head_attention:
         patches.append((keras.layers.MultiHeadAttention, _per_head_attention, "_compute_attention"))
     originals = [(cls, attr, getattr(cls, attr)) for cls, _, attr in patches]

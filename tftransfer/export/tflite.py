@@ -398,7 +398,6 @@ def export_tflite(model, preprocessor, modality, heads, export_base, version=Non
     if quantize not in QUANTIZE_MODES:
         raise UserError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}. Received: {quantize!r}.")
     max_accuracy_drop = quantize_lib.check_max_accuracy_drop(max_accuracy_drop)
-    check_integer_only(quantize, integer_only)
     if version is not None and not overwrite and os.path.exists(os.path.join(export_base, str(version))):
         raise UserError(f"export version {os.path.join(export_base, str(version))!r} exists; "
                         f"pass --overwrite or another --version.")
