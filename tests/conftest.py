@@ -51,6 +51,22 @@ def tiny_bert_spec(vocabulary=TINY_VOCAB):
             "num_heads": 2, "hidden_dim": 16, "intermediate_dim": 32, "max_sequence_length": 32}
 
 
+def add_outlier_channel(model, channel=3, value=40.0):
+    """Give every keras-hub encoder's residual stream an outlier channel, as trained BERTs have (MiniLM's
+    reaches ~200 against typical values below 2): `value` added to the feed-forward output's bias."""
+    import keras_hub
+    import numpy as np
+
+    encoders = [l for l in model._flatten_layers() if isinstance(l, keras_hub.layers.TransformerEncoder)]
+    assert encoders
+    for encoder in encoders:
+        bias = encoder._feedforward_output_dense.bias
+        shift = np.zeros(bias.shape, "float32")
+        shift[channel] = value
+        bias.assign(np.asarray(bias.numpy()) + shift)
+    return model
+
+
 @pytest.fixture
 def tiny_resnet_spec():
     return dict(TINY_RESNET)

@@ -17,7 +17,7 @@ from tftransfer.export import quantize as quantize_lib
 from tftransfer.export import tflite as tflite_lib
 from tftransfer.heads import HeadSpec
 
-from conftest import TINY_RESNET, run_cli, tiny_bert_spec
+from conftest import TINY_RESNET, add_outlier_channel, run_cli, tiny_bert_spec
 
 SENTENCES = ["the movie was good", "a film is not fun", "the movie was very boring !", "great great film",
              "awful", "the film was bad", "a very good movie", "not bad"]
@@ -88,12 +88,15 @@ def test_int8_image_weights_and_activations_are_int8_and_agree_with_float(tmp_pa
     assert accuracy["drop"] == pytest.approx(accuracy["float"]["label"] - accuracy["quantized"]["label"])
 
 
-def _tiny_text(pooling="mean"):
-    """A tiny BERT classifier, token ids of SENTENCES (with padding) and one-sentence calibration batches."""
+def _tiny_text(pooling="mean", outlier=False):
+    """A tiny BERT classifier (with `outlier`: an outlier channel in its residual stream, as trained BERTs
+    have), token ids of SENTENCES (with padding) and one-sentence calibration batches."""
     keras.utils.set_random_seed(1)
     loaded = tftransfer.load_backbone(spec=tiny_bert_spec(), sequence_length=16)
     heads = [HeadSpec(num_classes=2, pooling=pooling)]
     model = tftransfer.build_model(loaded, heads)
+    if outlier:
+        add_outlier_channel(model)
     ids = {k: np.asarray(v).astype("int32") for k, v in loaded.preprocessor(tf.constant(SENTENCES)).items()}
     assert (ids["padding_mask"] == 0).any()  # padding: the attention mask's -1e9 is in play
     representative = [{k: v[i:i + 1] for k, v in ids.items()} for i in range(len(SENTENCES))]
@@ -152,14 +155,16 @@ def test_int8_text_on_token_ids(tmp_path):
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_int8_text_integer_only_every_op_is_int8(tmp_path, pooling):
-    loaded, heads, model, ids, representative = _tiny_text(pooling)
+    loaded, heads, model, ids, representative = _tiny_text(pooling, outlier=True)
     info = tflite_lib.export_tflite(model, loaded.preprocessor, "text", heads, str(tmp_path), quantize="int8",
                                     representative_data=representative, integer_only=True)
     with open(os.path.join(info["path"], "tftransfer.json")) as f:
         recorded = json.load(f)["tflite"]
     assert recorded["integer_only"] is True and recorded["float_ops"] == [] and recorded["dynamic_int8_ops"] == {}
     with open(info["tflite_file"], "rb") as f:
-        it = interpreter(f.read())
+        flatbuffer = f.read()
+    it = interpreter(flatbuffer)
+    details = {d["index"]: d for d in it.get_tensor_details()}
     dtypes = assert_compute_is_int8(it, ("FULLY_CONNECTED", "BATCH_MATMUL", "GATHER"))
     # Float32 only at the interface: the outputs (the inputs are int32 token ids).
     floats = {i for i, d in dtypes.items() if d == np.float32}
@@ -170,14 +175,22 @@ def test_int8_text_integer_only_every_op_is_int8(tmp_path, pooling):
     int8_ops = {o["op_name"] for o in ops if any(dtypes[i] == np.int8 for i in o["outputs"])}
     assert {"MEAN", "RSQRT", "ADD", "SELECT_V2", "SOFTMAX", "GELU"} <= int8_ops, int8_ops
     assert ("SUM" in int8_ops) == (pooling == "mean") and ("TANH" in int8_ops) == (pooling == "cls")
-    # Each head has its own logits and context products (own int8 ranges): 2 x heads x layers.
-    assert sum(o["op_name"] == "BATCH_MATMUL" for o in ops) == 2 * 2 * 2
-    # No int8 tensor carries a -1e9 mask value (scale ~4e6 on MiniLM).
-    scales = [d["quantization"][0] for d in it.get_tensor_details() if d["dtype"] == np.int8]
+    # Each head has its own logits and context products (own int8 ranges): 2 x heads x layers. Each
+    # layer norm's mean square is one more: the embeddings' once, the encoders' once per channel
+    # group -- their residual stream is computed in 2 groups, the outlier channel alone.
+    matmuls = [o for o in ops if o["op_name"] == "BATCH_MATMUL"]
+    assert len(matmuls) == 2 * 2 * 2 + 1 + 2 * 2 * 2
+    # Every right operand is zero-centred: XNNPACK would take its zero point as 0 otherwise.
+    assert all(details[o["inputs"][1]]["quantization"][1] == 0 for o in matmuls)
+    # No masked attention logit carries a -1e9 mask value (scale ~4e6 on MiniLM).
+    scales = [details[o["outputs"][0]]["quantization"][0] for o in ops if o["op_name"] == "SELECT_V2"]
     assert scales and max(scales) < 1.0, max(scales)
-    out = it.get_signature_runner()(**ids)
     expected = tf.nn.softmax(model(ids, training=False)["label"]).numpy()
-    assert np.abs(out["probabilities"] - expected).max() <= tflite_lib.TOLERANCE["int8"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        default_runtime = tf.lite.Interpreter(model_content=flatbuffer)  # with XNNPACK, as users run it
+    for runner in (it.get_signature_runner(), default_runtime.get_signature_runner()):
+        assert np.abs(runner(**ids)["probabilities"] - expected).max() <= tflite_lib.TOLERANCE["int8"]
 
 
 def test_dynamic_int8_fully_connected_quantises_weights_per_channel_and_keeps_float_io():

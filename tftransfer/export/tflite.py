@@ -130,7 +130,10 @@ def convert(model, preprocessor, modality, heads, quantize="none", representativ
             raise UserError("--quantize=int8 needs representative examples (the training data) to calibrate; none given.")
     check_integer_only(quantize, integer_only)
     integer_text = integer_only and modality == "text"
-    rewrites = integer_text_lib.integer_friendly_text_ops() if integer_text else contextlib.nullcontext()
+    rewrites = contextlib.nullcontext()
+    if integer_text:
+        groups = integer_text_lib.residual_channel_groups(model, representative_data)
+        rewrites = integer_text_lib.integer_friendly_text_ops(channel_groups=groups)
     with rewrites, saved_model_converter(model, preprocessor, modality, heads) as converter:
         if quantize != "none":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -145,8 +148,8 @@ def convert(model, preprocessor, modality, heads, quantize="none", representativ
             # float ops (the converter itself keeps NEG in float; see above).
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         try:
-            if quantize == "int8" and modality == "text" and not integer_text:
-                return _int8_text(converter, model, heads)
+            if quantize == "int8" and modality == "text":
+                return _int8_integer_text(converter) if integer_text else _int8_text(converter, model, heads)
             return converter.convert()
         except Exception as e:  # the converter raises ConverterError and others.
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -239,6 +242,29 @@ def dynamic_scopes(model):
     if not names:
         return None
     return re.compile("/(" + "|".join(re.escape(n) for n in sorted(names)) + r")(_\d+)?/")
+
+
+def _int8_integer_text(converter):
+    """Full-integer conversion of a text model traced under `integer_text.integer_friendly_text_ops`.
+
+    Calibrates, makes every `BATCH_MATMUL`'s right operand zero-centred
+    (`integer_text.symmetric_batch_matmul_operands`: XNNPACK computes it
+    wrongly otherwise), then quantises: the converter's own steps
+    (`TFLiteConverter._experimental_calibrate_only` is how
+    `tf.lite.experimental.QuantizationDebugger` calibrates) with the range
+    edit between them.
+    """
+    from tensorflow.lite.python import convert as tflite_convert
+
+    converter._experimental_calibrate_only = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the calibrator's tf.lite.Interpreter deprecation notice
+        calibrated = integer_text_lib.symmetric_batch_matmul_operands(converter.convert())
+    flatbuffer = bytes(tflite_convert.mlir_quantize(calibrated, disable_per_channel=False, fully_quantize=False))
+    left = float_ops(flatbuffer)
+    if left:
+        raise ValueError(f"ops left in float: {', '.join(left)}")
+    return flatbuffer
 
 
 def _int8_text(converter, model, heads):
