@@ -170,9 +170,7 @@ def main():
         with rewrites, tflite_lib.saved_model_converter(model, assets.preprocessor, "text", heads) as converter:
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.representative_dataset = lambda: iter(batches)
-            calibrated = tf.lite.experimental.QuantizationDebugger(
-                converter=converter, debug_dataset=lambda: iter(batches)).calibrated_model
-        calibrated = integer_text.symmetric_batch_matmul_operands(calibrated)
+            calibrated = tflite_lib.calibrated_integer_text(converter)
         clipped = None
         if variant.endswith("_mse"):
             calibrated, clipped = mse_ranges(calibrated, batches)

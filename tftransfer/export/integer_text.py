@@ -49,7 +49,8 @@ difference| to float 0.131 -> 0.090 with TFLite's own kernels, same model).
 
 Measured (held-out MiniLM LoRA model, `tools/int8_integer_only_ablate.py`,
 mean |probability difference| to float, default runtime): Keras' own ops
-0.154 (not integer-only), rewrites + per-head 0.118, + channel groups
+0.221 (not integer-only; 0.154 before the zero-centred operands),
+rewrites + per-head 0.118, + channel groups
 (shipped) 0.026, against 0.008 for the default mixed int8; accuracy drop
 0.83 points (BENCHMARKS.md, "Full-integer text int8"). Tried and not kept:
 the layer norm as TFLite's int8 `L2_NORMALIZATION` (0.131 -> 0.172) and

@@ -39,7 +39,8 @@ Quantisation (`quantize`):
   int8-only accelerators, at a measured cost in accuracy (0.8 points on
   MiniLM, with BERT's outlier channels in int8 ranges of their own and the
   attention products' right operands zero-centred for XNNPACK;
-  `tftransfer.export.integer_text` and BENCHMARKS.md) and in CPU latency. `tftransfer.json` names what is not int8
+  `tftransfer.export.integer_text` and BENCHMARKS.md) and in CPU latency.
+  `tftransfer.json` names what is not int8
   (`tflite.float_ops`, `tflite.dynamic_int8_ops`, `tflite.integer_only`).
 The tolerances the tests hold are in `TOLERANCE`.
 
@@ -245,23 +246,28 @@ def dynamic_scopes(model):
     return re.compile("/(" + "|".join(re.escape(n) for n in sorted(names)) + r")(_\d+)?/")
 
 
-def _int8_integer_text(converter):
-    """Full-integer conversion of a text model traced under `integer_text.integer_friendly_text_ops`.
+def calibrated_integer_text(converter):
+    """The converter's model calibrated on its representative dataset, not yet quantised, with every
+    `BATCH_MATMUL`'s right operand zero-centred (`integer_text.symmetric_batch_matmul_operands`:
+    XNNPACK computes it wrongly otherwise).
 
-    Calibrates, makes every `BATCH_MATMUL`'s right operand zero-centred
-    (`integer_text.symmetric_batch_matmul_operands`: XNNPACK computes it
-    wrongly otherwise), then quantises: the converter's own steps
-    (`TFLiteConverter._experimental_calibrate_only` is how
-    `tf.lite.experimental.QuantizationDebugger` calibrates) with the range
-    edit between them.
+    The converter's own calibration step (`TFLiteConverter._experimental_calibrate_only`,
+    as `tf.lite.experimental.QuantizationDebugger` calibrates); `tools/int8_integer_only_ablate.py`
+    quantises it its own ways.
     """
-    from tensorflow.lite.python import convert as tflite_convert
-
     converter._experimental_calibrate_only = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the calibrator's tf.lite.Interpreter deprecation notice
-        calibrated = integer_text_lib.symmetric_batch_matmul_operands(converter.convert())
-    flatbuffer = bytes(tflite_convert.mlir_quantize(calibrated, disable_per_channel=False, fully_quantize=False))
+        return integer_text_lib.symmetric_batch_matmul_operands(converter.convert())
+
+
+def _int8_integer_text(converter):
+    """Full-integer conversion of a text model traced under `integer_text.integer_friendly_text_ops`:
+    `calibrated_integer_text`, then the converter's own quantisation step."""
+    from tensorflow.lite.python import convert as tflite_convert
+
+    flatbuffer = bytes(tflite_convert.mlir_quantize(calibrated_integer_text(converter), disable_per_channel=False,
+                                                    fully_quantize=False))
     left = float_ops(flatbuffer)
     if left:
         raise ValueError(f"ops left in float: {', '.join(left)}")
